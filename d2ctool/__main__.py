@@ -1,0 +1,3 @@
+from d2ctool.cli import main
+
+main()

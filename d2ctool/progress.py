@@ -1,0 +1,66 @@
+"""Progress reporting: a Rich bar on a terminal, plain periodic log lines otherwise (logs, CI, SLURM)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def info(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Counts work done out of `total`, showing the rate in `unit`s per second."""
+
+    def __init__(self, total: int, desc: str, unit: str = "img", interval: float = 10.0, start: int = 0,
+                 enabled: bool | None = None):
+        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
+        self.done = start
+        self._start_count = start
+        self._t0 = self._last_log = time.monotonic()
+        self._tty = sys.stderr.isatty() if enabled is None else enabled
+        self._bar = None
+        if self._tty:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                     transient=False)
+            self._task = self._bar.add_task(desc, total=total, completed=start, rate="")
+            self._bar.start()
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self._t0
+        return (self.done - self._start_count) / elapsed if elapsed > 0 else 0.0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, rate=f"{self.rate():.1f} {self.unit}/s")
+        elif time.monotonic() - self._last_log >= self.interval:
+            self._last_log = time.monotonic()
+            self._log_line()
+
+    def _log_line(self) -> None:
+        rate = self.rate()
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        eta = _fmt_seconds((self.total - self.done) / rate) if rate > 0 else "?"
+        info(f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), {rate:.1f} {self.unit}/s, ETA {eta}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,46 @@
+"""A recipe is one YAML file with a section per command; this module loads and validates it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from d2ctool.config import ConfigError, apply_overrides, build, nested, to_yaml
+from d2ctool.data.config import PrepareConfig
+
+
+@dataclass
+class Recipe:
+    prepare: PrepareConfig = nested(PrepareConfig)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), section: str | None = None) -> Recipe:
+    """Read a recipe (or the defaults when `path` is None), apply `--set` overrides, validate everything.
+
+    `section` is the running command's section: overrides may name keys relative to it.
+    """
+    data: dict = {}
+    where = None
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe not found: {path} (see recipes/ for examples)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe is a mapping of sections (prepare:, ...), got {type(data).__name__}")
+    data = apply_overrides(data, list(overrides), Recipe, section)
+    try:
+        return build(Recipe, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    """The resolved recipe (file + overrides + defaults), as saved next to every output."""
+    return to_yaml(recipe)

@@ -1,0 +1,83 @@
+"""Shared fixtures: small image trees with every kind of bad file, written fresh for each test."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def image_bytes(size=(40, 32), mode="RGB", fmt="JPEG", seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(pixels).convert(mode) if mode != "RGB" else Image.fromarray(pixels)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def run_d2c(*args, cwd=None, check=False, env=None) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would: `python -m d2ctool ...`."""
+    proc = subprocess.run([sys.executable, "-m", "d2ctool", *map(str, args)], cwd=cwd or REPO,
+                          capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"d2c {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def messy_tree(tmp_path) -> tuple[Path, dict]:
+    """A class-per-folder tree with good images of every mode and each kind of bad file.
+
+    Returns (root, expectations) where expectations lists the accepted and rejected relative paths.
+    """
+    root = tmp_path / "src"
+    good, bad = {}, {}
+
+    def put(rel, data, ok):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        (good if ok else bad)[rel] = data
+
+    for c, cls in enumerate(["cat", "dog", "eel"]):
+        for i in range(6):
+            put(f"{cls}/{cls}_{i}.JPEG", image_bytes(seed=10 * c + i), True)
+    put("cat/gray.jpg", image_bytes(mode="L", seed=1), True)
+    put("cat/cmyk.jpg", image_bytes(mode="CMYK", seed=2), True)
+    put("dog/palette.png", image_bytes(mode="P", fmt="PNG", seed=3), True)
+    put("dog/alpha.png", image_bytes(mode="RGBA", fmt="PNG", seed=4), True)
+    put("dog/png_named.JPEG", image_bytes(fmt="PNG", seed=5), True)  # ImageNet has one of these
+    put("eel/nested/deep.jpg", image_bytes(seed=6), True)
+    jpeg = image_bytes(size=(64, 64), seed=7)
+    put("cat/truncated.JPEG", jpeg[: len(jpeg) // 2], False)
+    put("cat/corrupt.JPEG", jpeg[:20] + b"\x00" * 200, False)
+    put("dog/empty.JPEG", b"", False)
+    put("dog/notes.txt", b"just some text, not an image\n", False)
+    put("eel/fake.JPEG", b"<html><body>404 not found</body></html>", False)
+    put("eel/anim.gif", image_bytes(fmt="GIF", seed=8), False)
+    put("stray.jpg", image_bytes(seed=9), False)  # outside any class folder
+    # ignored: hidden files and folders
+    (root / "cat" / ".DS_Store").write_bytes(b"\x00\x01junk")
+    (root / ".cache").mkdir()
+    (root / ".cache" / "x.jpg").write_bytes(image_bytes(seed=11))
+    # links: a file link and a folder link are followed; a dangling link is rejected; a loop is cut
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "linked.jpg").write_bytes(image_bytes(seed=12))
+    os.symlink(outside / "linked.jpg", root / "eel" / "link.jpg")
+    good["eel/link.jpg"] = (outside / "linked.jpg").read_bytes()
+    os.symlink(outside, root / "dog" / "more")
+    good["dog/more/linked.jpg"] = (outside / "linked.jpg").read_bytes()
+    os.symlink(tmp_path / "missing.jpg", root / "eel" / "dangling.jpg")
+    bad["eel/dangling.jpg"] = None
+    os.symlink(root / "cat", root / "cat" / "loop")
+    return root, {"good": good, "bad": bad, "classes": ["cat", "dog", "eel"]}
