@@ -1,0 +1,73 @@
+"""The KL tokenizer: LDM's AutoencoderKL as used by MAR (continuous latents).
+
+Preset `kl-16` has exactly the state dict of MAR's `AutoencoderKL(embed_dim=16, ch_mult=(1,1,2,2,4))`
+(`kl16.ckpt` loads strictly). Images in [-1, 1] -> posterior moments [B, 2C, h, w] (mean, then
+log-variance clamped to [-30, 20]) -> latents -> images. The latent scale factor lives here and
+nowhere else: `latents_from_moments` multiplies by it, `decode_latents` divides by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from d2ctool.config import bounded
+from d2ctool.tokenizers.blocks import Decoder, Encoder
+
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+@dataclass
+class KLConfig:
+    embed_dim: int = bounded(16, min=1)  # latent channels C
+    ch: int = bounded(128, min=32)
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = bounded(2, min=1)
+    encoder_attn_levels: list[int] = field(default_factory=lambda: [4])  # MAR: resolution 16 of 256 = level 4
+    decoder_attn_levels: list[int] = field(default_factory=list)  # MAR's release: none
+    scale_factor: float = 0.2325
+    dropout: float = 0.0
+
+    @property
+    def stride(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: KLConfig):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.embed_dim
+        self.encoder = Encoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.encoder_attn_levels, 2 * c, cfg.dropout, "ldm")
+        self.decoder = Decoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.decoder_attn_levels, c, cfg.dropout, "ldm")
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)
+        self.post_quant_conv = nn.Conv2d(c, c, 1)
+
+    @property
+    def stride(self) -> int:
+        return self.cfg.stride
+
+    def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> moments [B, 2C, H/stride, W/stride]: mean, clamped log-variance."""
+        mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
+        return torch.cat([mean, logvar.clamp(*LOGVAR_RANGE)], dim=1)
+
+    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None,
+                             sample: bool = True) -> torch.Tensor:
+        """A posterior sample (or the mean), times the scale factor: what stage 2 models."""
+        mean, logvar = moments.float().chunk(2, dim=1)
+        if sample:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            mean = mean + torch.exp(0.5 * logvar) * noise
+        return mean * self.cfg.scale_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (as stage 2 produces them) -> images."""
+        return self.decoder(self.post_quant_conv(latents / self.cfg.scale_factor))
+
+    def kl_loss(self, moments: torch.Tensor) -> torch.Tensor:
+        """KL(posterior || N(0, I)), summed over latent elements, averaged over the batch."""
+        mean, logvar = moments.chunk(2, dim=1)
+        return 0.5 * torch.sum(mean**2 + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3]).mean()

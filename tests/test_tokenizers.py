@@ -1,0 +1,167 @@
+"""Tokenizers: official state-dict layouts, strict loading of official containers, round trips."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2ctool.errors import UserError
+from d2ctool.tokenizers.load import PRESETS, build_tokenizer, load_tokenizer, preset_config, save_tokenizer
+
+SPECS = Path(__file__).parent / "specs"
+
+
+def read_manifest(name: str) -> dict[str, list[int]]:
+    entries = {}
+    for line in (SPECS / name).read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, _dtype = line.split("\t")
+        entries[key] = json.loads(shape)
+    return entries
+
+
+@pytest.mark.parametrize("kind, preset, manifest", [("vq", "vq-16", "manifest_vq16.tsv"),
+                                                    ("kl", "kl-16", "manifest_kl16.tsv")])
+def test_full_presets_have_the_official_keys_and_shapes(kind, preset, manifest):
+    with torch.device("meta"):  # no memory: shapes only
+        model = build_tokenizer(kind, preset_config(kind, preset))
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    official = read_manifest(manifest)
+    assert sorted(set(official) - set(ours)) == [] and sorted(set(ours) - set(official)) == []
+    assert ours == official
+
+
+def small(kind):
+    return build_tokenizer(kind, preset_config(kind, f"{kind}-tiny-s4"))
+
+
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+@pytest.mark.parametrize("container", ["model", "ema", "state_dict", "raw", "module-prefixed"])
+def test_official_containers_load_strictly(tmp_path, kind, container):
+    torch.manual_seed(0)
+    model = small(kind)
+    sd = model.state_dict()
+    if container == "raw":
+        payload = sd
+    elif container == "module-prefixed":
+        payload = {"model": {f"module.{k}": v for k, v in sd.items()}}
+    else:
+        payload = {container: sd}
+    if kind == "kl" and container == "ema":
+        payload = {"model": sd, "ema_unused": 1}
+    path = tmp_path / "official.pt"
+    torch.save(payload, path)
+    loaded, info = load_tokenizer(kind, f"{kind}-tiny-s4", str(path))
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, sd[key]), key
+    assert info.name == f"{kind}-tiny-s4" and len(info.sha256) == 64
+
+
+def test_mar_training_checkpoint_with_argparse_namespace_loads(tmp_path):
+    model = small("kl")
+    path = tmp_path / "kl.ckpt"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1e-4), "epoch": 3}, path)
+    load_tokenizer("kl", "kl-tiny-s4", str(path))
+
+
+def test_arbitrary_pickles_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": small("kl").state_dict(), "obj": Path("/x")}, path)
+    with pytest.raises(UserError, match=r"pickled Python object \(pathlib.PosixPath\) that is not loaded for safety"):
+        load_tokenizer("kl", "kl-tiny-s4", str(path))
+
+
+def test_mismatched_checkpoint_lists_keys_and_shapes(tmp_path):
+    sd = small("vq").state_dict()
+    sd.pop("quantize.codebook_used")
+    sd["extra.weight"] = torch.zeros(1)
+    sd["quant_conv.weight"] = torch.zeros(3, 3, 1, 1)
+    path = tmp_path / "wrong.pt"
+    torch.save({"model": sd}, path)
+    with pytest.raises(UserError) as err:
+        load_tokenizer("vq", "vq-tiny-s4", str(path))
+    message = str(err.value)
+    assert "1 missing key(s): quantize.codebook_used" in message
+    assert "1 unexpected key(s): extra.weight" in message
+    assert "quant_conv.weight [3, 3, 1, 1] vs [8, 32, 1, 1]" in message
+    # a KL checkpoint given as VQ: many keys, listed a few at a time with a count
+    kl_path = tmp_path / "kl.pt"
+    torch.save({"model": small("kl").state_dict()}, kl_path)
+    with pytest.raises(UserError, match=r"missing key\(s\): .* and \d+ more"):
+        load_tokenizer("vq", "vq-tiny-s4", str(kl_path))
+
+
+def test_bad_files_and_settings(tmp_path):
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_tokenizer("vq", "vq-16", str(tmp_path / "nope.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+        load_tokenizer("vq", "vq-16", str(junk))
+    with pytest.raises(UserError, match="checkpoint is not set"):
+        load_tokenizer("kl", "kl-16", None)
+    with pytest.raises(UserError, match="unknown vq preset 'vq-99'"):
+        preset_config("vq", "vq-99")
+    ours = tmp_path / "ours.pt"
+    save_tokenizer(ours, small("kl"), "kl")
+    with pytest.raises(UserError, match="is a kl tokenizer"):
+        load_tokenizer("vq", "vq-16", str(ours))
+
+
+def test_own_format_carries_its_architecture(tmp_path):
+    model = small("vq")
+    path = tmp_path / "vq.pt"
+    save_tokenizer(path, model, "vq", name="vq-mine")
+    loaded, info = load_tokenizer("vq", "vq-16", str(path))  # the preset is ignored: the file knows
+    assert info.name == "vq-mine" and loaded.cfg == model.cfg
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS["vq"] if "tiny" in p])
+def test_vq_round_trip_shapes_and_consistency(preset):
+    torch.manual_seed(0)
+    model = build_tokenizer("vq", preset_config("vq", preset)).eval()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    s = model.stride
+    codes = model.encode(images)
+    assert codes.shape == (2, 32 // s, 32 // s) and codes.dtype == torch.long
+    assert 0 <= codes.min() and codes.max() < model.cfg.codebook_size
+    out = model.decode_codes(codes)
+    assert out.shape == images.shape
+    # the search is a true nearest neighbour of the normalised latent among normalised codes
+    z = torch.nn.functional.normalize(model.encode_latent(images).permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)
+    brute = torch.cdist(z.double(), model.quantize.codebook().double()).argmin(1)
+    assert torch.equal(brute.view_as(codes), codes)
+    recon, indices, losses = model(images)
+    assert torch.equal(indices, codes) and torch.allclose(recon, out, atol=1e-5)
+    assert set(losses) == {"codebook", "commit"}
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS["kl"] if "tiny" in p])
+def test_kl_round_trip_and_scale_factor(preset):
+    torch.manual_seed(0)
+    cfg = preset_config("kl", preset)
+    cfg.scale_factor = 0.5
+    model = build_tokenizer("kl", cfg).eval()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        moments = model.encode_moments(images)
+        s = model.stride
+        assert moments.shape == (2, 2 * cfg.embed_dim, 32 // s, 32 // s)
+        mean = moments[:, : cfg.embed_dim]
+        latents = model.latents_from_moments(moments, sample=False)
+        assert torch.allclose(latents, mean * 0.5)
+        decoded = model.decode_latents(latents)
+        direct = model.decoder(model.post_quant_conv(mean))
+        assert torch.allclose(decoded, direct, atol=1e-5) and decoded.shape == images.shape
+        g = torch.Generator().manual_seed(1)
+        sampled = model.latents_from_moments(moments, generator=g)
+        g = torch.Generator().manual_seed(1)
+        assert torch.equal(sampled, model.latents_from_moments(moments, generator=g))
+        std = torch.exp(0.5 * moments[:, cfg.embed_dim:])
+        noise = (sampled / 0.5 - mean) / std
+        assert noise.abs().max() < 10 and 0.5 < noise.std() < 1.5
