@@ -13,7 +13,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import threading
 from contextlib import closing
 from collections import Counter
@@ -27,15 +26,15 @@ import numpy as np
 from d2ctool import __version__
 from d2ctool.config import to_dict
 from d2ctool.data.config import PrepareConfig
-from d2ctool.data.shards import MANIFEST, REJECTED, RESOLVED_CONFIG, shard_name, write_tar
+from d2ctool.data.shards import MANIFEST, REJECTED, shard_name, write_tar
 from d2ctool.data.sources import SYNTHETIC, Source, scan_source
 from d2ctool.data.verify import load_file, load_synthetic
-from d2ctool.errors import UserError
-from d2ctool.io import TMP_SUFFIX, atomic_path, sha256_file, write_json, write_text
+from d2ctool.io import atomic_path, sha256_file, write_text
 from d2ctool.progress import Progress, info
+from d2ctool.runstate import OutputFolder
 
 FORMAT = "d2c-image-shards"
-STATE_DIR = ".d2c-prepare"
+STATE_DIR = ".d2c-prepare"  # OutputFolder(out, "prepare", ...).state
 
 
 @dataclass
@@ -65,39 +64,6 @@ def _plan(cfg: PrepareConfig, source: Source) -> dict:
     if source.kind != SYNTHETIC:
         settings.pop("synthetic")
     return {"prepare": settings, "source": source.fingerprint()}
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
-    return out
-
-
-def _check_out(out: Path, plan: dict) -> bool:
-    """Return True when OUT already holds this exact finished run; refuse any other non-empty OUT."""
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise UserError(f"output {out} exists and is not a folder")
-    previous = None
-    if (out / MANIFEST).is_file():
-        previous = json.loads((out / MANIFEST).read_text()).get("plan")
-    elif (out / STATE_DIR / "plan.json").is_file():
-        previous = json.loads((out / STATE_DIR / "plan.json").read_text())
-    elif any(out.iterdir()):
-        raise UserError(f"output {out} is not empty and was not made by `d2c prepare`; choose a new or empty folder")
-    else:
-        return False
-    if previous != plan:
-        diff = "; ".join(_differences(previous or {}, plan)) or "unknown"
-        raise UserError(f"output {out} was made with different arguments ({diff}). "
-                        "Use the same arguments to resume, or a new folder")
-    return (out / MANIFEST).is_file()
 
 
 def _loader(source: Source, cfg: PrepareConfig):
@@ -133,43 +99,32 @@ def _load_in_parallel(load, refs: list, workers: int, max_in_flight: int) -> Ite
                 slots.release()
 
 
-def _shard_done(out: Path, name: str, index: int) -> bool:
-    record = out / STATE_DIR / f"{index:06d}.json"
-    if not record.is_file():
-        return False
-    return json.loads(record.read_text())["samples"] == 0 or (out / shard_name(name, index)).is_file()
-
-
-def _write_shard(out: Path, name: str, index: int, samples: list, rejected: list, class_counts: Counter) -> None:
-    record = {"file": shard_name(name, index), "samples": len(samples), "rejected": rejected,
+def _write_shard(folder: OutputFolder, name: str, index: int, samples: list, rejected: list,
+                 class_counts: Counter) -> None:
+    record = {"file": shard_name(name, index) if samples else None, "samples": len(samples), "rejected": rejected,
               "class_counts": {str(k): v for k, v in sorted(class_counts.items())}}
     if not samples:  # every file of this shard was rejected: no tar
-        write_json(out / STATE_DIR / f"{index:06d}.json", record)
+        folder.write_record(index, record)
         return
-    with atomic_path(out / record["file"]) as tmp:
+    with atomic_path(folder.root / record["file"]) as tmp:
         write_tar(tmp, samples)
         record.update(sha256=sha256_file(tmp), bytes=tmp.stat().st_size)
-        write_json(out / STATE_DIR / f"{index:06d}.json", record)  # before the rename: tar present => record present
+        folder.write_record(index, record)
 
 
 def prepare(src: str, out: str | Path, cfg: PrepareConfig, resolved_config: str) -> PrepareResult:
     source = scan_source(src, cfg)
     out = Path(out)
-    plan = _plan(cfg, source)
-    if _check_out(out, plan):
+    folder = OutputFolder(out, "prepare", _plan(cfg, source))
+    if folder.check():
         manifest = json.loads((out / MANIFEST).read_text())
         return PrepareResult(out, manifest["num_samples"], manifest["num_rejected"], len(manifest["shards"]), 0,
                              already_complete=True)
-
-    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f".*{TMP_SUFFIX}"):  # temporaries of a killed run
-        stale.unlink()
-    write_json(out / STATE_DIR / "plan.json", plan)
-    write_text(out / RESOLVED_CONFIG, resolved_config)
+    folder.start(resolved_config)
 
     order = np.random.default_rng(cfg.seed).permutation(len(source.refs))
     shards = [order[i:i + cfg.shard_size] for i in range(0, len(order), cfg.shard_size)]
-    todo = [k for k in range(len(shards)) if not _shard_done(out, cfg.name, k)]
+    todo = [k for k in range(len(shards)) if not folder.done(k)]
     if len(todo) < len(shards):
         info(f"prepare: resuming, {len(shards) - len(todo)} of {len(shards)} shards already written")
 
@@ -192,23 +147,23 @@ def prepare(src: str, out: str | Path, cfg: PrepareConfig, resolved_config: str)
                 samples.append((keys[i], {result["ext"]: result["data"], "cls": str(label).encode(),
                                           "json": json.dumps(meta).encode()}))
                 class_counts[label] += 1
-            _write_shard(out, cfg.name, k, samples, rejected, class_counts)
+            _write_shard(folder, cfg.name, k, samples, rejected, class_counts)
         rate = bar.rate()
-    manifest = _finish(out, cfg, source, plan, len(shards))
+    manifest = _finish(folder, cfg, source, len(shards))
     return PrepareResult(out, manifest["num_samples"], manifest["num_rejected"], len(manifest["shards"]), len(todo),
                          images_per_second=rate)
 
 
-def _finish(out: Path, cfg: PrepareConfig, source: Source, plan: dict, num_shards: int) -> dict:
-    """Gather the per-shard records into rejected.jsonl and manifest.json (last), then drop the state."""
-    records = [json.loads((out / STATE_DIR / f"{k:06d}.json").read_text()) for k in range(num_shards)]
+def _finish(folder: OutputFolder, cfg: PrepareConfig, source: Source, num_shards: int) -> dict:
+    """Gather the per-shard records into rejected.jsonl and manifest.json (last)."""
+    records = folder.records(num_shards)
     class_counts = [0] * len(source.classes)
     for record in records:
         for label, count in record["class_counts"].items():
             class_counts[int(label)] += count
     rejected = sorted(source.rejected + [r for record in records for r in record["rejected"]], key=lambda r: r["path"])
-    write_text(out / REJECTED, "".join(json.dumps(r) + "\n" for r in rejected))
-    manifest = {
+    write_text(folder.root / REJECTED, "".join(json.dumps(r) + "\n" for r in rejected))
+    return folder.finish({
         "format": FORMAT,
         "version": 1,
         "created_by": f"d2ctool {__version__}",
@@ -221,8 +176,4 @@ def _finish(out: Path, cfg: PrepareConfig, source: Source, plan: dict, num_shard
         "num_rejected": len(rejected),
         "shards": [{"file": r["file"], "samples": r["samples"], "sha256": r["sha256"], "bytes": r["bytes"]}
                    for r in records if r["samples"]],
-        "plan": plan,
-    }
-    write_json(out / MANIFEST, manifest)
-    shutil.rmtree(out / STATE_DIR)
-    return manifest
+    })
