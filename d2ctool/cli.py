@@ -77,6 +77,31 @@ def prepare(
           + (f", listed in {out / 'rejected.jsonl'}" if result.num_rejected else ""))
 
 
+@app.command(epilog="Examples:\n\n  d2c encode runs/tiny/shards runs/tiny/encoded --recipe recipes/tiny.yaml\n\n"
+                    "  torchrun --nproc_per_node 8 -m d2ctool encode shards/imagenet-train encoded/imagenet-train "
+                    "--set tokenizers.vq.checkpoint=vq_ds16_c2i.pt --set tokenizers.kl.checkpoint=kl16.ckpt")
+def encode(
+    shards: Annotated[Path, typer.Argument(help="Image shards written by `d2c prepare`.")],
+    out: Annotated[Path, typer.Argument(help="Output folder for the encoded shards (created; resumable).")],
+    recipe: RecipeOption = None,
+    set_: SetOption = None,
+):
+    """Encode every image (ADM center crop, and its h-flip) to VQ codes and KL posterior moments."""
+    from d2ctool.recipe import recipe_yaml
+    from d2ctool.tokenizers.encode import encode as run_encode
+
+    recipe_cfg = _recipe(recipe, set_, "encode")
+    result = run_encode(shards, out, recipe_cfg.tokenizers, recipe_cfg.encode, recipe_yaml(recipe_cfg))
+    from d2ctool.distributed import rank_and_world
+
+    if rank_and_world()[0] != 0:
+        return
+    if result.already_complete:
+        print(f"encode: {out} is already complete ({result.num_samples} images); nothing to do")
+    else:
+        print(f"encode: {result.num_samples} images -> {out} ({result.images_per_second:.1f} images/s on this rank)")
+
+
 def main() -> None:
     try:
         app()

@@ -9,11 +9,14 @@ import yaml
 
 from d2ctool.config import ConfigError, apply_overrides, build, nested, to_yaml
 from d2ctool.data.config import PrepareConfig
+from d2ctool.tokenizers.config import EncodeConfig, TokenizersConfig
 
 
 @dataclass
 class Recipe:
     prepare: PrepareConfig = nested(PrepareConfig)
+    tokenizers: TokenizersConfig = nested(TokenizersConfig)
+    encode: EncodeConfig = nested(EncodeConfig)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), section: str | None = None) -> Recipe:

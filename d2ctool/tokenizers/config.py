@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from d2ctool.config import nested
+from d2ctool.config import bounded, nested
 
 
 @dataclass
@@ -23,3 +24,15 @@ class KLSpec:
 class TokenizersConfig:
     vq: VQSpec = nested(VQSpec)
     kl: KLSpec = nested(KLSpec)
+
+
+@dataclass
+class EncodeConfig:
+    """Recipe section `encode`: image shards -> per-image VQ codes and KL posterior moments."""
+
+    resolution: int = bounded(256, min=8)  # ADM center crop size
+    batch_size: int = bounded(64, min=1)  # images per forward pass (each also encoded h-flipped)
+    precision: Literal["bf16", "fp32"] = "bf16"  # autocast on GPU; the CPU always runs fp32
+    moments_dtype: Literal["float16", "float32"] = "float16"
+    loader_threads: int = bounded(8, min=1)  # threads decoding and cropping images
+    device: str | None = None  # default: the local GPU under torchrun, else cuda if present, else cpu

@@ -1,0 +1,173 @@
+"""`d2c encode`: image shards -> shards of VQ codes and KL posterior moments, original and h-flipped.
+
+Each input shard becomes one output shard of the same name holding, per image, `codes.npy`
+(int16/int32 [2, h*w], row-major) and `moments.npy` (float16/32 [2, 2C, h, w]: mean, log-variance),
+index 0 the ADM-cropped image and index 1 its horizontal flip, plus `cls` and the source `json`.
+Shards are written to a temporary name and renamed; a re-run skips finished shards. Under torchrun,
+rank r encodes shards r, r+W, ...; rank 0 writes the manifest once all are done.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from d2ctool import __version__, distributed
+from d2ctool.config import to_dict
+from d2ctool.data.reader import decode_image, image_member
+from d2ctool.data.shards import iter_tar, load_manifest, write_tar
+from d2ctool.data.transforms import adm_center_crop
+from d2ctool.errors import UserError
+from d2ctool.io import atomic_path, sha256_file
+from d2ctool.progress import Progress, info
+from d2ctool.runstate import OutputFolder
+from d2ctool.tokenizers.config import EncodeConfig, TokenizersConfig
+from d2ctool.tokenizers.load import load_tokenizer
+
+FORMAT = "d2c-encoded-shards"
+
+
+@dataclass
+class EncodeResult:
+    out: Path
+    num_samples: int
+    shards_written: int
+    already_complete: bool = False
+    images_per_second: float = 0.0
+
+
+def token_grid(resolution: int, stride: int, name: str) -> int:
+    if resolution % stride:
+        raise UserError(f"encode.resolution {resolution} is not a multiple of {name}'s stride {stride}")
+    return resolution // stride
+
+
+def check_grids(resolution: int, vq, kl, vq_name: str, kl_name: str) -> int:
+    """Both tokenizers must give the same token grid: stage 2 aligns the two grids position by position."""
+    vq_grid, kl_grid = token_grid(resolution, vq.stride, vq_name), token_grid(resolution, kl.stride, kl_name)
+    if vq_grid != kl_grid:
+        raise UserError(f"the tokenizers' token grids differ at {resolution} px: {vq_name} (stride {vq.stride}) gives "
+                        f"{vq_grid}x{vq_grid}, {kl_name} (stride {kl.stride}) gives {kl_grid}x{kl_grid}; "
+                        "use tokenizers with the same stride")
+    return vq_grid
+
+
+def codes_dtype(codebook_size: int) -> np.dtype:
+    return np.dtype(np.int16) if codebook_size <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
+
+
+@torch.no_grad()
+def encode_images(vq, kl, images: np.ndarray, device: torch.device, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [N, R, R, 3] -> codes [N, 2, h*w] (long) and moments [N, 2, 2C, h, w] (float32), on the CPU.
+
+    Index 0 along dim 1 is the image, index 1 its horizontal flip.
+    """
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = torch.cat([x, x.flip(-1)])
+    n = len(images)
+    context = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+    with context:
+        codes = vq.encode(x)
+        moments = kl.encode_moments(x).float()
+    codes = codes.reshape(2, n, -1).transpose(0, 1)
+    moments = moments.reshape(2, n, *moments.shape[1:]).transpose(0, 1)
+    return codes.cpu(), moments.cpu()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _load_crop(data: bytes, resolution: int) -> np.ndarray:
+    return np.asarray(adm_center_crop(decode_image(data), resolution))
+
+
+def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cfg: EncodeConfig,
+           resolved_config: str) -> EncodeResult:
+    shards, out = Path(shards), Path(out)
+    source = load_manifest(shards)
+    vq, vq_info = load_tokenizer("vq", tokenizers.vq.preset, tokenizers.vq.checkpoint)
+    kl, kl_info = load_tokenizer("kl", tokenizers.kl.preset, tokenizers.kl.checkpoint)
+    grid = check_grids(cfg.resolution, vq, kl, vq_info.name, kl_info.name)
+    settings = to_dict(cfg)
+    for irrelevant in ("batch_size", "loader_threads", "device"):  # do not change what is written
+        settings.pop(irrelevant)
+    plan = {"source": {"path": str(shards.resolve()), "manifest_sha256": sha256_file(shards / "manifest.json")},
+            "tokenizers": {"vq": vq_info.sha256, "kl": kl_info.sha256}, "encode": settings}
+    folder = OutputFolder(out, "encode", plan)
+    rank, world, device = distributed.init(cfg.device)
+    complete = folder.check()
+    distributed.barrier()  # every rank has looked before rank 0 writes anything
+    if complete:
+        return EncodeResult(out, json.loads((out / "manifest.json").read_text())["num_samples"], 0, True)
+    if rank == 0:
+        folder.start(resolved_config)
+    distributed.barrier()
+
+    vq, kl = vq.to(device), kl.to(device)
+    autocast = device.type == "cuda" and cfg.precision == "bf16"
+    code_type, moment_type = codes_dtype(vq.cfg.codebook_size), np.dtype(cfg.moments_dtype)
+    num_shards = len(source["shards"])
+    done = [i for i in range(num_shards) if folder.done(i)]
+    if rank == 0 and done:
+        info(f"encode: resuming, {len(done)} of {num_shards} shards already encoded")
+    mine = [i for i in range(rank, num_shards, world) if i not in set(done)]
+    total = sum(source["shards"][i]["samples"] for i in mine)
+    if world > 1:
+        info(f"encode: rank {rank} of {world} encodes {len(mine)} shard(s)")
+    with Progress(total, "encode", unit="img", enabled=None if rank == 0 else False) as bar, \
+            ThreadPoolExecutor(cfg.loader_threads) as pool:
+        for index in mine:
+            entry = source["shards"][index]
+            samples = list(iter_tar(shards / entry["file"]))
+            images = list(pool.map(lambda s: _load_crop(image_member(s[1]), cfg.resolution), samples))
+            written = []
+            for start in range(0, len(samples), cfg.batch_size):
+                codes, moments = encode_images(vq, kl, np.stack(images[start:start + cfg.batch_size]), device, autocast)
+                for (key, members), c, m in zip(samples[start:start + cfg.batch_size], codes.numpy(), moments.numpy()):
+                    written.append((key, {"codes.npy": _npy(c.astype(code_type)), "moments.npy": _npy(m.astype(moment_type)),
+                                          "cls": members["cls"], "json": members.get("json", b"{}")}))
+                bar.advance(len(codes))
+            with atomic_path(out / entry["file"]) as tmp:
+                write_tar(tmp, written)
+                folder.write_record(index, {"file": entry["file"], "samples": len(written),
+                                            "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size})
+        rate = bar.rate()
+    distributed.barrier()
+    if rank == 0:
+        records = folder.records(num_shards)
+        folder.finish({
+            "format": FORMAT,
+            "version": 1,
+            "created_by": f"d2ctool {__version__}",
+            "source": plan["source"],
+            "classes": source["classes"],
+            "class_counts": source["class_counts"],
+            "num_samples": sum(r["samples"] for r in records),
+            "shards": [{k: r[k] for k in ("file", "samples", "sha256", "bytes")} for r in records],
+            "resolution": cfg.resolution,
+            "grid": [grid, grid],
+            "codes": {"dtype": code_type.name, "shape": [2, grid * grid], "order": ["original", "hflip"]},
+            "moments": {"dtype": moment_type.name, "shape": [2, 2 * kl.cfg.embed_dim, grid, grid],
+                        "layout": "mean then log-variance on channels"},
+            "scale_factor": kl.cfg.scale_factor,
+            "tokenizers": {
+                "vq": {**vq_info.record(), "codebook_size": vq.cfg.codebook_size,
+                       "codebook_dim": vq.cfg.codebook_dim, "stride": vq.stride, "grid": [grid, grid]},
+                "kl": {**kl_info.record(), "latent_channels": kl.cfg.embed_dim, "stride": kl.stride,
+                       "grid": [grid, grid], "scale_factor": kl.cfg.scale_factor},
+            },
+            "precision": "bf16" if autocast else "fp32",
+        })
+    distributed.barrier()
+    num_samples = json.loads((out / "manifest.json").read_text())["num_samples"]
+    return EncodeResult(out, num_samples, len(mine), images_per_second=rate)
