@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from d2ctool.data.prepare import prepare
-from d2ctool.data.reader import ShardReader, split_stream
-from d2ctool.data.torch_dataset import ImageShardDataset
+from d2ctool.data.reader import ShardReader, decode_image, image_member, split_stream
+from d2ctool.data.torch_dataset import ShardDataset
 from d2ctool.recipe import load_recipe, recipe_yaml
 
 
@@ -83,15 +84,26 @@ def test_skip_resumes_the_same_stream(uneven_shards):
     assert rest == full[13:]
 
 
-def test_dataloader_workers_split_a_rank_without_overlap(uneven_shards):
-    to_tensor = lambda im: torch.tensor(list(im.getdata()), dtype=torch.uint8).view(16, 16, 3)
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_dataloader_batches_are_the_same_for_any_worker_count(uneven_shards, workers):
+    def decode(members, rng):  # a random choice per sample, as training augmentations make
+        image = np.asarray(decode_image(image_member(members)))
+        flip = rng.random() < 0.5
+        return torch.from_numpy((image[:, ::-1] if flip else image).copy()), int(members["cls"])
+
+    def batches(num_workers, skip=0):
+        reader = ShardReader(uneven_shards, 1, 3, shuffle=True, seed=2, shuffle_buffer=4)
+        dataset = ShardDataset(reader, decode, batch_size=4, seed=9, skip_batches=skip)
+        loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+        return [(x, y) for x, y in loader]
+
+    reference = batches(0)
     reader = ShardReader(uneven_shards, 1, 3)
-    expected = sorted(int(s.label) for s in reader)
-    dataset = ImageShardDataset(ShardReader(uneven_shards, 1, 3), transform=to_tensor)
-    loader = DataLoader(dataset, batch_size=4, num_workers=2)
-    images, labels = [], []
-    for x, y in loader:
-        images.append(x)
-        labels += y.tolist()
-    assert sorted(labels) == expected and len(labels) == len(dataset)
-    assert torch.cat(images).shape == (len(labels), 16, 16, 3)
+    assert len(reference) == len(reader) // 4 and reference[0][0].shape == (4, 16, 16, 3)
+    got = batches(workers)
+    assert len(got) == len(reference)
+    for (x, y), (rx, ry) in zip(got, reference):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    resumed = batches(workers, skip=2)
+    assert all(torch.equal(x, rx) for (x, _), (rx, _) in zip(resumed, reference[2:]))
+    assert len(resumed) == len(reference) - 2

@@ -5,6 +5,8 @@ shards when shuffling). Rank r of W reads the contiguous slice [r*n, (r+1)*n) of
 n = total // W, so every rank yields exactly the same number of samples however uneven the shards
 are, and reads only the shards its slice touches. The last total % W samples of an epoch are
 dropped; a different shard order each epoch drops different ones.
+
+`d2ctool.data.torch_dataset.ShardDataset` turns a reader into batches for a DataLoader.
 """
 
 from __future__ import annotations
@@ -42,16 +44,13 @@ def image_member(members: dict[str, bytes]) -> bytes:
     raise KeyError(f"no image member among {sorted(members)}")
 
 
-def split_stream(counts: list[int], order: list[int], rank: int, world: int,
-                 part: int = 0, parts: int = 1) -> list[tuple[int, int, int]]:
-    """Pieces (shard index, start, stop) of the stream slice for `rank` of `world`, sub-slice `part` of `parts`.
+def split_stream(counts: list[int], order: list[int], rank: int, world: int) -> list[tuple[int, int, int]]:
+    """Pieces (shard index, start, stop) of rank's slice of the stream: shards in `order`, concatenated.
 
-    The stream is the shards in `order` concatenated; every rank gets total // world samples.
+    Every rank gets total // world samples.
     """
     per_rank = sum(counts) // world
-    lo = rank * per_rank
-    # split this rank's slice into `parts` contiguous pieces whose sizes differ by at most one
-    lo, hi = lo + part * per_rank // parts, lo + (part + 1) * per_rank // parts
+    lo, hi = rank * per_rank, (rank + 1) * per_rank
     pieces, offset = [], 0
     for shard in order:
         start, stop = max(lo, offset), min(hi, offset + counts[shard])
@@ -92,16 +91,15 @@ class ShardReader:
             return list(range(len(self.counts)))
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.counts)).tolist()
 
-    def raw(self, part: int = 0, parts: int = 1) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """Undecoded (key, members) of this rank's slice (sub-slice `part` of `parts`), shuffled if asked."""
-        pieces = split_stream(self.counts, self.shard_order(), self.rank, self.world, part, parts)
+    def raw(self) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """Undecoded (key, members) of this rank's slice, shuffled if asked, after `skip`."""
+        pieces = split_stream(self.counts, self.shard_order(), self.rank, self.world)
         stream = (s for shard, start, stop in pieces
                   for s in iter_tar(self.root / self.manifest["shards"][shard]["file"], start, stop))
         if self.shuffle and self.shuffle_buffer > 1:
-            stream = _buffer_shuffle(stream, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, self.rank, part]))
-        skip = len(range(part, self.skip, parts))  # a DataLoader takes workers' samples round-robin
+            stream = _buffer_shuffle(stream, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, self.rank]))
         for index, sample in enumerate(stream):
-            if index >= skip:
+            if index >= self.skip:
                 yield sample
 
     def __iter__(self) -> Iterator[Sample]:

@@ -1,0 +1,1 @@
+"""The shared trainer behind train-tokenizer, train-discrete and train-continuous."""

@@ -1,0 +1,34 @@
+"""Training-run settings shared by every training command (the `train` sub-section of a stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from d2ctool.config import bounded
+
+
+@dataclass
+class TrainConfig:
+    steps: int = bounded(100_000, min=1)  # optimizer steps
+    global_batch_size: int = bounded(256, min=1)  # over all ranks and accumulation steps
+    grad_accum: int = bounded(1, min=1)
+    base_lr: float = bounded(1e-4, min=0.0)  # lr = base_lr * global_batch_size / 256
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = bounded(0, min=0)  # linear warmup from 0
+    min_lr_ratio: float = bounded(0.0, min=0.0, max=1.0)  # cosine ends at base lr * this
+    weight_decay: float = bounded(0.05, min=0.0)  # weight matrices and embeddings only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = bounded(1.0, min=0.0)  # 0 = off
+    ema_decay: float = bounded(0.9999, min=0.0, max=1.0)  # 0 = no EMA
+    sample_with_ema: bool = True  # grids and exports use the EMA weights
+    precision: Literal["bf16", "fp32"] = "bf16"  # autocast on GPU; the CPU always runs fp32
+    compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = bounded(50, min=1)
+    ckpt_every: int = bounded(5000, min=1)  # also writes checkpoints/last.pt; the final step is always saved
+    sample_every: int = bounded(5000, min=0)  # sample grid PNG; 0 = only at the end
+    num_workers: int = bounded(4, min=0)  # DataLoader worker processes per rank
+    shuffle_buffer: int = bounded(1000, min=0)
+    device: str | None = None  # default: the local GPU under torchrun, else cuda if present, else cpu
