@@ -102,6 +102,29 @@ def encode(
         print(f"encode: {result.num_samples} images -> {out} ({result.images_per_second:.1f} images/s on this rank)")
 
 
+@app.command("train-discrete", epilog="Examples:\n\n  d2c train-discrete --recipe recipes/tiny.yaml\n\n"
+                    "  torchrun --nproc_per_node 8 -m d2ctool train-discrete --recipe my.yaml "
+                    "--set discrete.model=gpt-b --set discrete.train.global_batch_size=256")
+def train_discrete(recipe: RecipeOption = None, set_: SetOption = None):
+    """Train the stage-1 GPT (LlamaGen) on encoded shards (discrete.data) into a run folder (discrete.out)."""
+    from d2ctool.config import to_dict
+    from d2ctool.discrete.train import train_discrete as run
+    from d2ctool.recipe import recipe_yaml
+
+    recipe_cfg = _recipe(recipe, set_, "discrete")
+    result = run(recipe_cfg.discrete, to_dict(recipe_cfg.discrete), recipe_yaml(recipe_cfg))
+    _report_training("train-discrete", result)
+
+
+def _report_training(command: str, result) -> None:
+    from d2ctool.distributed import rank_and_world
+
+    if rank_and_world()[0] == 0:
+        resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
+        extra = "".join(f"; {k} {v}" for k, v in result.summary.items())
+        print(f"{command}: {result.step} steps{resumed} -> {result.run_dir}{extra}")
+
+
 def main() -> None:
     try:
         app()

@@ -22,6 +22,7 @@ class Progress:
                  enabled: bool | None = None):
         self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
         self.done = start
+        self.note = ""
         self._start_count = start
         self._t0 = self._last_log = time.monotonic()
         self._tty = sys.stderr.isatty() if enabled is None else enabled
@@ -31,19 +32,22 @@ class Progress:
                                        TimeElapsedColumn, TimeRemainingColumn)
 
             self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                     transient=False)
-            self._task = self._bar.add_task(desc, total=total, completed=start, rate="")
+                                     TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[note]}"),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+            self._task = self._bar.add_task(desc, total=total, completed=start, rate="", note="")
             self._bar.start()
 
     def rate(self) -> float:
         elapsed = time.monotonic() - self._t0
         return (self.done - self._start_count) / elapsed if elapsed > 0 else 0.0
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, note: str | None = None) -> None:
+        """Count `n` more units; `note` (e.g. the current loss) is shown beside the bar."""
         self.done += n
+        if note is not None:
+            self.note = note
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, rate=f"{self.rate():.1f} {self.unit}/s")
+            self._bar.update(self._task, completed=self.done, rate=f"{self.rate():.1f} {self.unit}/s", note=self.note)
         elif time.monotonic() - self._last_log >= self.interval:
             self._last_log = time.monotonic()
             self._log_line()
@@ -52,7 +56,8 @@ class Progress:
         rate = self.rate()
         pct = 100.0 * self.done / self.total if self.total else 100.0
         eta = _fmt_seconds((self.total - self.done) / rate) if rate > 0 else "?"
-        info(f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), {rate:.1f} {self.unit}/s, ETA {eta}")
+        note = f", {self.note}" if self.note else ""
+        info(f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), {rate:.1f} {self.unit}/s{note}, ETA {eta}")
 
     def close(self) -> None:
         if self._bar is not None:

@@ -9,6 +9,7 @@ import yaml
 
 from d2ctool.config import ConfigError, apply_overrides, build, nested, to_yaml
 from d2ctool.data.config import PrepareConfig
+from d2ctool.discrete.config import DiscreteConfig
 from d2ctool.tokenizers.config import EncodeConfig, TokenizersConfig
 
 
@@ -17,6 +18,7 @@ class Recipe:
     prepare: PrepareConfig = nested(PrepareConfig)
     tokenizers: TokenizersConfig = nested(TokenizersConfig)
     encode: EncodeConfig = nested(EncodeConfig)
+    discrete: DiscreteConfig = nested(DiscreteConfig)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), section: str | None = None) -> Recipe:

@@ -81,3 +81,29 @@ def messy_tree(tmp_path) -> tuple[Path, dict]:
     bad["eel/dangling.jpg"] = None
     os.symlink(root / "cat", root / "cat" / "loop")
     return root, {"good": good, "bad": bad, "classes": ["cat", "dog", "eel"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Synthetic image shards (40 images, 40 px, 3 shards), random tiny tokenizers of stride 4 and 8,
+    and the images encoded at 32 px with the stride-4 pair (8x8 codes, 512-code vocabulary)."""
+    import torch
+
+    from d2ctool.data.prepare import prepare
+    from d2ctool.recipe import load_recipe, recipe_yaml
+    from d2ctool.tokenizers.encode import encode
+    from d2ctool.tokenizers.load import build_tokenizer, preset_config, save_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    recipe = load_recipe(None, ["synthetic.images_per_class=4", "synthetic.resolution=40", "shard_size=16",
+                                "workers=1"], "prepare")
+    prepare("synthetic", root / "shards", recipe.prepare, recipe_yaml(recipe))
+    torch.manual_seed(0)
+    for kind in ("vq", "kl"):
+        for stride in (4, 8):
+            name = f"{kind}-tiny-s{stride}"
+            save_tokenizer(root / f"{name}.pt", build_tokenizer(kind, preset_config(kind, name)), kind, name)
+    recipe = load_recipe(None, [f"tokenizers.vq.checkpoint={root / 'vq-tiny-s4.pt'}",
+                                f"tokenizers.kl.checkpoint={root / 'kl-tiny-s4.pt'}", "encode.resolution=32"], "encode")
+    encode(root / "shards", root / "encoded", recipe.tokenizers, recipe.encode, recipe_yaml(recipe))
+    return root

@@ -22,18 +22,9 @@ from d2ctool.tokenizers.encode import encode
 from d2ctool.tokenizers.load import build_tokenizer, load_tokenizer, preset_config, save_tokenizer
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("enc")
-    recipe = load_recipe(None, ["synthetic.images_per_class=4", "synthetic.resolution=40", "shard_size=16",
-                                "workers=1"], "prepare")
-    prepare("synthetic", root / "shards", recipe.prepare, recipe_yaml(recipe))
-    torch.manual_seed(0)
-    for kind in ("vq", "kl"):
-        for stride in (4, 8):
-            name = f"{kind}-tiny-s{stride}"
-            save_tokenizer(root / f"{name}.pt", build_tokenizer(kind, preset_config(kind, name)), kind, name)
-    return root
+@pytest.fixture
+def setup(tiny_data):
+    return tiny_data
 
 
 def overrides(root, vq="vq-tiny-s4", kl="kl-tiny-s4", *extra):

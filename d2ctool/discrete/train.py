@@ -1,0 +1,109 @@
+"""`d2c train-discrete`: the stage-1 GPT on encoded shards, with the shared trainer.
+
+Each sample's codes are taken from the original or the h-flipped image at random (seeded per
+sample). vocab_size, grid and classes come from the encode manifest; the periodic grid decodes
+generated codes with the VQ tokenizer the data was encoded with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from d2ctool.data.reader import ShardReader
+from d2ctool.data.shards import load_manifest
+from d2ctool.discrete.config import DiscreteConfig, preset
+from d2ctool.discrete.generate import generate
+from d2ctool.discrete.load import data_config, load_gpt
+from d2ctool.discrete.model import GPT
+from d2ctool.errors import UserError
+from d2ctool.tokenizers.load import load_tokenizer
+from d2ctool.training.trainer import Trainer, TrainResult
+from d2ctool.visual import save_grid, to_uint8
+
+ENCODED = "d2c-encoded-shards"
+
+
+def load_codes(members: dict) -> np.ndarray:
+    return np.load(io.BytesIO(members["codes.npy"]), allow_pickle=False)
+
+
+class DiscreteTask:
+    name = "train-discrete"
+
+    def __init__(self, cfg: DiscreteConfig):
+        if not cfg.data:
+            raise UserError("discrete.data is not set: give the encoded shards (`d2c encode` output)")
+        self.cfg = cfg
+        self.manifest = load_manifest(cfg.data, ENCODED)
+        vq = self.manifest["tokenizers"]["vq"]
+        self.classes = self.manifest["classes"]
+        model_cfg = data_config(preset(cfg.model), vq["codebook_size"], self.manifest["grid"][0], len(self.classes))
+        model_cfg = dataclasses.replace(model_cfg, class_dropout=cfg.class_dropout, token_dropout=cfg.token_dropout,
+                                        resid_dropout=cfg.resid_dropout, ffn_dropout=cfg.ffn_dropout)
+        model_cfg.check()
+        self.model_config = dataclasses.asdict(model_cfg)
+        self._model_cfg = model_cfg
+        self._vq_record = vq
+        self._vq = None
+
+    def build_model(self) -> GPT:
+        if self.cfg.init:
+            model, _ = load_gpt(self.cfg.init, self._model_cfg, use_ema=True)
+            return model.train()
+        return GPT(self._model_cfg)
+
+    def reader(self, epoch: int, rank: int, world: int, seed: int, shuffle_buffer: int) -> ShardReader:
+        return ShardReader(self.cfg.data, rank, world, shuffle=True, seed=seed, epoch=epoch,
+                           shuffle_buffer=shuffle_buffer, manifest_kind=ENCODED)
+
+    def decode(self, members: dict, rng: np.random.Generator):
+        codes = load_codes(members)[int(rng.integers(2))]  # original or h-flipped
+        return torch.from_numpy(codes.astype(np.int64)), int(members["cls"])
+
+    def loss(self, model, batch, device):
+        codes, labels = (t.to(device, non_blocking=True) for t in batch)
+        logits = model(codes, labels)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1)), {}
+
+    def after_step(self, model, step: int) -> None:
+        pass
+
+    def vq(self, device: torch.device):
+        if self._vq is None:
+            self._vq, _ = load_tokenizer("vq", self._vq_record["name"], self._vq_record["checkpoint"])
+        return self._vq.to(device)
+
+    @torch.no_grad()
+    def write_grid(self, model: GPT, path: Path, device: torch.device) -> None:
+        """A grid of generated samples: `grid_classes` classes (rows) × 4 samples, decoded by the VQ."""
+        classes = np.linspace(0, len(self.classes) - 1, min(self.cfg.grid_classes, len(self.classes))).round()
+        labels = torch.tensor(np.repeat(classes.astype(np.int64), 4), device=device)
+        codes = generate(model, labels, self.cfg.sampling, torch.Generator(device).manual_seed(0))
+        g = model.cfg.grid
+        images = self.vq(device).decode_codes(codes.view(-1, g, g))
+        save_grid(path, to_uint8(images), 4, [self.classes[int(c)][:12] for c in classes])
+
+    def finish(self, model: GPT, run_dir: Path, device: torch.device) -> dict:
+        return {"grid": str(run_dir / "grids")}
+
+
+def check_vq_available(task: DiscreteTask) -> None:
+    """Fail before training when the grids' VQ tokenizer cannot be loaded."""
+    record = task._vq_record
+    if not Path(record["checkpoint"]).is_file():
+        raise UserError(f"the VQ tokenizer the data was encoded with is missing: {record['checkpoint']} "
+                        "(restore it: it decodes the periodic sample grids)")
+
+
+def train_discrete(cfg: DiscreteConfig, resolved_config: dict, resolved_yaml: str) -> TrainResult:
+    if not cfg.out:
+        raise UserError("discrete.out is not set: give the run folder")
+    task = DiscreteTask(cfg)
+    check_vq_available(task)
+    return Trainer(task, cfg.train, cfg.out, resolved_config, resolved_yaml).run()

@@ -1,0 +1,301 @@
+"""The shared training loop: one implementation for tokenizers, stage 1 and stage 2.
+
+A stage supplies a `TrainingTask` (model, data, loss, grid, export); the trainer owns everything
+else: AdamW with decay on weight matrices only, lr = base_lr * global_batch / 256 with linear
+warmup then constant or cosine, gradient accumulation and clipping, EMA, bf16 autocast on GPU, DDP
+under torchrun, `metrics.jsonl`, atomic checkpoints every N steps plus `last.pt`, and exact resume:
+model, EMA, optimizer, step, data position and every rank's RNG states come back from `last.pt`.
+
+Run folder: config.yaml, metrics.jsonl, checkpoints/{last.pt, step_0001000.pt, ...}, grids/.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from d2ctool import distributed
+from d2ctool.data.reader import ShardReader
+from d2ctool.data.torch_dataset import ShardDataset
+from d2ctool.errors import UserError
+from d2ctool.io import atomic_path, write_text
+from d2ctool.progress import Progress, info
+from d2ctool.training.config import TrainConfig
+
+CHECKPOINT_FORMAT = "d2c-train-checkpoint"
+# train.* fields that may differ when a run is resumed (they do not change what is learned)
+RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "num_workers", "device"}
+
+
+class TrainingTask(Protocol):
+    name: str  # e.g. "train-discrete"
+
+    def build_model(self) -> nn.Module: ...
+
+    def reader(self, epoch: int, rank: int, world: int, seed: int, shuffle_buffer: int) -> ShardReader: ...
+
+    def decode(self, members: dict, rng: np.random.Generator) -> Any: ...
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def after_step(self, model: nn.Module, step: int) -> None: ...
+
+    def write_grid(self, model: nn.Module, path: Path, device: torch.device) -> None: ...
+
+    def finish(self, model: nn.Module, run_dir: Path, device: torch.device) -> dict: ...
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    resumed_from: int  # 0 for a fresh run
+    summary: dict
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+def peak_lr(cfg: TrainConfig) -> float:
+    return cfg.base_lr * cfg.global_batch_size / 256
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant or cosine."""
+    peak = peak_lr(cfg)
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return peak
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    low = peak * cfg.min_lr_ratio
+    return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on tensors of 2 or more dimensions (weight matrices, embeddings) only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=tuple(cfg.betas))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def load_checkpoint(path: Path) -> dict:
+    from d2ctool.checkpoints import load_file
+
+    ckpt = load_file(path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a d2c training checkpoint")
+    return ckpt
+
+
+class Trainer:
+    def __init__(self, task: TrainingTask, cfg: TrainConfig, run_dir: str | Path, resolved_config: dict,
+                 resolved_yaml: str):
+        self.task, self.cfg, self.run_dir = task, cfg, Path(run_dir)
+        self.resolved_config, self.resolved_yaml = resolved_config, resolved_yaml
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _save(self, path_names: list[str], state: dict) -> None:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for name in path_names:
+            with atomic_path(self.ckpt_dir / name) as tmp:
+                torch.save(state, tmp)
+
+    def _checkpoint_state(self, model, ema, optimizer, step, epoch, batch_in_epoch, rng_states) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "task": self.task.name, "model": model.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
+                "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng_states,
+                "config": self.resolved_config, "model_config": getattr(self.task, "model_config", None)}
+
+    def _check_resume(self, ckpt: dict) -> None:
+        if ckpt.get("task") != self.task.name:
+            raise UserError(f"{self.ckpt_dir / 'last.pt'} belongs to `d2c {ckpt.get('task')}`, not `d2c {self.task.name}`;"
+                            " use another run folder")
+        old, new = copy.deepcopy(ckpt.get("config") or {}), copy.deepcopy(self.resolved_config)
+        for settings in (old, new):  # steps may grow and logistics may change; nothing else may
+            settings["train"] = {k: v for k, v in settings.get("train", {}).items() if k not in RESUMABLE_CHANGES}
+        if old != new:
+            from d2ctool.runstate import differences
+
+            diff = "; ".join(differences(old, new)[:5])
+            raise UserError(f"{self.run_dir} was started with different settings ({diff}); resume with the same "
+                            "recipe (only train.steps may change) or use a new run folder")
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop metric lines past the checkpoint we resume from (they will be logged again)."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            write_text(path, "".join(line + "\n" for line in keep))
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, task = self.cfg, self.task
+        rank, world, device = distributed.init(cfg.device)
+        if cfg.global_batch_size % (world * cfg.grad_accum):
+            raise UserError(f"train.global_batch_size {cfg.global_batch_size} must divide by ranks × grad_accum = "
+                            f"{world} × {cfg.grad_accum}")
+        local_batch = cfg.global_batch_size // (world * cfg.grad_accum)
+        autocast = device.type == "cuda" and cfg.precision == "bf16"
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = task.build_model().to(device)
+        if cfg.grad_checkpointing:
+            model.gradient_checkpointing = True
+        ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+        optimizer = make_optimizer(model, cfg)
+        step = epoch = batch_in_epoch = resumed_from = 0
+        torch.manual_seed(cfg.seed * 1000 + rank + 1)  # dropout etc. differ per rank
+
+        last = self.ckpt_dir / "last.pt"
+        if last.is_file():
+            ckpt = load_checkpoint(last)
+            self._check_resume(ckpt)
+            model.load_state_dict(ckpt["model"])
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+            if len(ckpt["rng"]) != world:
+                info(f"{task.name}: resuming with {world} ranks, saved with {len(ckpt['rng'])}: RNG streams restart")
+            else:
+                _set_rng_state(ckpt["rng"][rank], device)
+            resumed_from = step
+            if rank == 0:
+                info(f"{task.name}: resuming from step {step} ({last})")
+                self._trim_metrics(step)
+        if rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text(self.run_dir / "config.yaml", self.resolved_yaml)
+
+        train_model = torch.compile(model) if cfg.compile else model
+        if world > 1:
+            train_model = nn.parallel.DistributedDataParallel(
+                train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        model.train()
+
+        def batches() -> Iterator[tuple[int, int, Any]]:
+            nonlocal epoch, batch_in_epoch
+            while True:
+                reader = task.reader(epoch, rank, world, cfg.seed, cfg.shuffle_buffer)
+                dataset = ShardDataset(reader, task.decode, local_batch, seed=cfg.seed, skip_batches=batch_in_epoch)
+                if len(reader) // local_batch < cfg.grad_accum:
+                    raise UserError(f"{task.name}: {len(reader)} samples per rank make no full step of "
+                                    f"{local_batch} × {cfg.grad_accum}; lower train.global_batch_size")
+                loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
+                                    generator=torch.Generator().manual_seed(cfg.seed),
+                                    persistent_workers=False, pin_memory=device.type == "cuda")
+                for batch in loader:
+                    batch_in_epoch += 1
+                    yield batch
+                epoch, batch_in_epoch = epoch + 1, 0
+
+        stream = batches()
+        metrics_path = self.run_dir / "metrics.jsonl"
+        last_good = resumed_from
+        window_start, window_samples = time.perf_counter(), 0
+        with Progress(cfg.steps, task.name, unit="step", start=step, enabled=None if rank == 0 else False) as bar:
+            while step < cfg.steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, cfg)
+                totals: dict[str, float] = {}
+                for micro in range(cfg.grad_accum):
+                    batch = next(stream)
+                    sync = micro == cfg.grad_accum - 1 or world == 1
+                    context = train_model.no_sync() if not sync else nullcontext()
+                    with context, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                        loss, parts = task.loss(train_model, batch, device)
+                    (loss / cfg.grad_accum).backward()
+                    for key, value in {"loss": loss.item(), **parts}.items():
+                        totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
+                losses = torch.tensor([totals["loss"]], device=device)
+                if world > 1:
+                    torch.distributed.all_reduce(losses)
+                    losses /= world
+                if not torch.isfinite(losses).all():
+                    raise TrainingDiverged(
+                        f"{task.name}: the loss became {losses.item()} at step {step + 1}; stopped. The last good "
+                        f"checkpoint (step {last_good}) is kept in {self.ckpt_dir}; lower train.base_lr or check "
+                        "the data, then re-run to resume from it" if last_good else
+                        f"{task.name}: the loss became {losses.item()} at step {step + 1} before any checkpoint; "
+                        "lower train.base_lr or check the data")
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    update_ema(ema, model, cfg.ema_decay)
+                task.after_step(model, step)
+                step += 1
+                window_samples += cfg.global_batch_size
+                totals["loss"] = losses.item()
+                bar.advance(1, note=f"loss {totals['loss']:.4f}")
+
+                if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in totals.items()},
+                              "lr": lr_at(step - 1, cfg), "grad_norm": round(float(grad_norm), 6),
+                              "samples_per_s": round(window_samples / elapsed, 2)}
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    window_start, window_samples = time.perf_counter(), 0
+                if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                    rngs = _gather(_rng_state(device), world)
+                    if rank == 0:
+                        state = self._checkpoint_state(model, ema, optimizer, step, epoch, batch_in_epoch, rngs)
+                        self._save(["last.pt", f"step_{step:07d}.pt"], state)
+                    last_good = step
+                    distributed.barrier()
+                if rank == 0 and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps):
+                    sampler = ema if (ema is not None and cfg.sample_with_ema) else model
+                    task.write_grid(sampler.eval(), self.run_dir / "grids" / f"step_{step:07d}.png", device)
+                    model.train()
+        distributed.barrier()
+        summary = {}
+        if rank == 0:
+            final = ema if (ema is not None and cfg.sample_with_ema) else model
+            summary = task.finish(final.eval(), self.run_dir, device)
+        distributed.barrier()
+        return TrainResult(self.run_dir, step, resumed_from, summary)
