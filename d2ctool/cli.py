@@ -102,6 +102,29 @@ def encode(
         print(f"encode: {result.num_samples} images -> {out} ({result.images_per_second:.1f} images/s on this rank)")
 
 
+@app.command("train-tokenizer", epilog="Examples:\n\n  d2c train-tokenizer vq runs/tiny/shards runs/tiny/vq --recipe recipes/tiny.yaml\n\n"
+                    "  d2c train-tokenizer kl runs/tiny/shards runs/tiny/kl --recipe recipes/tiny.yaml "
+                    "--set tokenizer_training.val=runs/tiny/val")
+def train_tokenizer(
+    kind: Annotated[str, typer.Argument(help="vq (discrete codes) or kl (continuous latents).")],
+    shards: Annotated[Path, typer.Argument(help="Image shards written by `d2c prepare`.")],
+    out: Annotated[Path, typer.Argument(help="Run folder (created; resumable). The tokenizer is OUT/tokenizer.pt.")],
+    recipe: RecipeOption = None,
+    set_: SetOption = None,
+):
+    """Train a small VQ or KL tokenizer on image shards (ImageNet users load the official ones)."""
+    from d2ctool.config import to_dict
+    from d2ctool.recipe import recipe_yaml
+    from d2ctool.tokenizers.train import train_tokenizer as run
+
+    if kind not in ("vq", "kl"):
+        raise UserError(f"train-tokenizer: KIND must be vq or kl, got {kind!r}")
+    recipe_cfg = _recipe(recipe, set_, "tokenizer_training")
+    result = run(kind, shards, out, recipe_cfg.tokenizer_training, to_dict(recipe_cfg.tokenizer_training),
+                 recipe_yaml(recipe_cfg))
+    _report_training(f"train-tokenizer {kind}", result)
+
+
 @app.command("train-discrete", epilog="Examples:\n\n  d2c train-discrete --recipe recipes/tiny.yaml\n\n"
                     "  torchrun --nproc_per_node 8 -m d2ctool train-discrete --recipe my.yaml "
                     "--set discrete.model=gpt-b --set discrete.train.global_batch_size=256")

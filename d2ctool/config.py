@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -16,6 +17,9 @@ from typing import Any, Literal
 import yaml
 
 from d2ctool.errors import UserError
+
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(UserError):
@@ -83,6 +87,8 @@ def _coerce(value, tp, where: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return build(tp, value, where)
+    if tp is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        value = float(value)  # PyYAML reads `1e-4` (no dot) as a string
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),

@@ -10,13 +10,14 @@ import yaml
 from d2ctool.config import ConfigError, apply_overrides, build, nested, to_yaml
 from d2ctool.data.config import PrepareConfig
 from d2ctool.discrete.config import DiscreteConfig
-from d2ctool.tokenizers.config import EncodeConfig, TokenizersConfig
+from d2ctool.tokenizers.config import EncodeConfig, TokenizersConfig, TokenizerTrainingConfig
 
 
 @dataclass
 class Recipe:
     prepare: PrepareConfig = nested(PrepareConfig)
     tokenizers: TokenizersConfig = nested(TokenizersConfig)
+    tokenizer_training: TokenizerTrainingConfig = nested(TokenizerTrainingConfig)
     encode: EncodeConfig = nested(EncodeConfig)
     discrete: DiscreteConfig = nested(DiscreteConfig)
 

@@ -31,6 +31,8 @@ def test_overrides_absolute_relative_and_typed():
     assert r.prepare.name == "007"  # a string field keeps the text verbatim
     assert r.prepare.labels is None
     assert load_recipe(None, ["labels=/x/y.txt"], "prepare").prepare.labels == "/x/y.txt"
+    # PyYAML reads 4e-3 (no dot) as text; a float field still takes it as a number
+    assert load_recipe(None, ["discrete.train.base_lr=4e-3"]).discrete.train.base_lr == 0.004
 
 
 def test_resolved_config_round_trips():

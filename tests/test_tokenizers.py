@@ -136,9 +136,9 @@ def test_vq_round_trip_shapes_and_consistency(preset):
     z = torch.nn.functional.normalize(model.encode_latent(images).permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)
     brute = torch.cdist(z.double(), model.quantize.codebook().double()).argmin(1)
     assert torch.equal(brute.view_as(codes), codes)
-    recon, indices, losses = model(images)
+    recon, indices, aux = model(images)
     assert torch.equal(indices, codes) and torch.allclose(recon, out, atol=1e-5)
-    assert set(losses) == {"codebook", "commit"}
+    assert set(aux) == {"codebook", "commit", "latents"}
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS["kl"] if "tiny" in p])

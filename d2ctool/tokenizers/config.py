@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from d2ctool.config import bounded, nested
+from d2ctool.training.config import TrainConfig
 
 
 @dataclass
@@ -36,3 +37,27 @@ class EncodeConfig:
     moments_dtype: Literal["float16", "float32"] = "float16"
     loader_threads: int = bounded(8, min=1)  # threads decoding and cropping images
     device: str | None = None  # default: the local GPU under torchrun, else cuda if present, else cpu
+
+
+@dataclass
+class TokenizerTrainingConfig:
+    """Recipe section `tokenizer_training`: `d2c train-tokenizer vq|kl` on small or custom data.
+
+    Reconstruction loss (L1 + L2) plus, for VQ, codebook and commitment losses with restarts of dead
+    codes, and for KL a small KL weight. No perceptual or adversarial loss: ImageNet users load the
+    official tokenizers instead.
+    """
+
+    vq_preset: str = "vq-tiny-s4"
+    kl_preset: str = "kl-tiny-s4"
+    codebook_size: int | None = None  # overrides the VQ preset's
+    latent_channels: int | None = None  # overrides the KL preset's embed_dim
+    scale_factor: float | None = None  # overrides the KL preset's latent scale
+    resolution: int = bounded(64, min=8)  # ADM center crop of the training images
+    val: str | None = None  # held-out image shards for the final PSNR (default: the training shards)
+    val_images: int = bounded(256, min=1)
+    l1_weight: float = bounded(1.0, min=0.0)
+    l2_weight: float = bounded(1.0, min=0.0)
+    kl_weight: float = bounded(1e-6, min=0.0)
+    dead_code_steps: int = bounded(50, min=1)  # a code unused this many steps is moved onto a recent latent
+    train: TrainConfig = nested(TrainConfig)

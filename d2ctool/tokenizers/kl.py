@@ -67,7 +67,15 @@ class AutoencoderKL(nn.Module):
         """Scaled latents (as stage 2 produces them) -> images."""
         return self.decoder(self.post_quant_conv(latents / self.cfg.scale_factor))
 
-    def kl_loss(self, moments: torch.Tensor) -> torch.Tensor:
-        """KL(posterior || N(0, I)), summed over latent elements, averaged over the batch."""
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction from a posterior sample, moments): the training pass."""
+        moments = self.encode_moments(images)
         mean, logvar = moments.chunk(2, dim=1)
-        return 0.5 * torch.sum(mean**2 + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3]).mean()
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        return self.decoder(self.post_quant_conv(z)), moments
+
+
+def posterior_kl(moments: torch.Tensor) -> torch.Tensor:
+    """KL(posterior || N(0, I)), summed over latent elements, averaged over the batch."""
+    mean, logvar = moments.float().chunk(2, dim=1)
+    return 0.5 * torch.sum(mean**2 + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3]).mean()

@@ -99,16 +99,18 @@ class VQModel(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Reconstruction through the codebook with the straight-through estimator.
 
-        Returns (reconstruction, indices, losses) with LlamaGen's codebook loss
-        mean((z_q - sg[z])^2) and commitment loss beta * mean((sg[z_q] - z)^2), z l2-normalised.
+        Returns (reconstruction, indices [B, h, w], aux) where aux holds LlamaGen's codebook loss
+        mean((z_q - sg[z])^2), the commitment loss beta * mean((sg[z_q] - z)^2) (z l2-normalised),
+        and the detached normalised latents [B*h*w, dim] (for restarting dead codes).
         """
         z = self.encode_latent(images)
         b, d, h, w = z.shape
         z = F.normalize(z.permute(0, 2, 3, 1), dim=-1)
         with torch.autocast(z.device.type, enabled=False):
             indices = self.quantize.nearest(z.reshape(-1, d).float()).view(b, h, w)
-        z_q = self.quantize.codebook()[indices]
-        losses = {"codebook": torch.mean((z_q - z.detach()) ** 2),
-                  "commit": self.cfg.commit_beta * torch.mean((z_q.detach() - z) ** 2)}
+        z_q = self.quantize.codebook()[indices].to(z.dtype)
+        aux = {"codebook": torch.mean((z_q - z.detach()) ** 2),
+               "commit": self.cfg.commit_beta * torch.mean((z_q.detach() - z) ** 2),
+               "latents": z.detach().reshape(-1, d)}
         z_q = z + (z_q - z).detach()
-        return self.decode_latent(z_q.permute(0, 3, 1, 2)), indices, losses
+        return self.decode_latent(z_q.permute(0, 3, 1, 2)), indices, aux
