@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 RECIPE ?= recipes/tiny.yaml
-RUN ?= runs/tiny
+# the tiny recipe's paths point into this folder
+RUN := runs/tiny
 BIN := $(VENV)/bin
+D2C := $(BIN)/d2c
 
 .PHONY: install test reproduce bench clean
 
@@ -18,8 +20,14 @@ install: $(BIN)/d2c
 test: install
 	$(BIN)/python -m pytest -q
 
+# The tiny recipe end to end. Each step is resumable: re-running `make reproduce` finishes a killed run.
 reproduce: install
-	$(BIN)/d2c prepare synthetic $(RUN)/shards --recipe $(RECIPE)
+	$(D2C) prepare synthetic $(RUN)/shards --recipe $(RECIPE)
+	$(D2C) prepare synthetic $(RUN)/val --recipe $(RECIPE) --set prepare.seed=1 --set prepare.synthetic.images_per_class=10
+	$(D2C) train-tokenizer vq $(RUN)/shards $(RUN)/vq --recipe $(RECIPE) --set tokenizer_training.val=$(RUN)/val
+	$(D2C) train-tokenizer kl $(RUN)/shards $(RUN)/kl --recipe $(RECIPE) --set tokenizer_training.val=$(RUN)/val
+	$(D2C) encode $(RUN)/shards $(RUN)/encoded --recipe $(RECIPE)
+	$(D2C) train-discrete --recipe $(RECIPE)
 
 bench: install
 	$(BIN)/python bench/prepare.py
