@@ -24,6 +24,15 @@ FUSED = ["add", "prefix", "qformer", "crossattn"]
 FAST = {"num_sampling_steps": 4}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models run fastest on one thread, and the machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def read_manifest(name: str) -> dict[str, list[int]]:
     entries = {}
     for line in (SPECS / name).read_text().splitlines():
@@ -181,13 +190,28 @@ def test_every_fusion_trains(fusion):
     before = eval_loss()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(2)
-    for _ in range(40):
+    for step in range(40):
         loss = model(latents, labels, codes, generator=g)
         opt.zero_grad()
         loss.backward()
+        if step == 0:  # every parameter takes part (DDP needs no find_unused_parameters)
+            assert [n for n, p in model.named_parameters() if p.grad is None] == []
         opt.step()
     after = eval_loss()
     assert math.isfinite(after) and after < 0.6 * before, (before, after)
+
+
+def test_code_corruption_replaces_a_fraction_in_training_only():
+    model = tiny("add", code_corrupt_prob=0.5)
+    seen = []
+    model.fusion.forward = lambda codes: seen.append(codes) or None
+    codes = torch.randint(0, 512, (16, 64), generator=torch.Generator().manual_seed(0))
+    model.train().code_context(codes, torch.Generator().manual_seed(1))
+    model.eval().code_context(codes, torch.Generator().manual_seed(1))
+    changed = (seen[0] != codes).float().mean().item()
+    assert 0.4 < changed < 0.55  # half are replaced, a few of them by the same code
+    assert 0 <= seen[0].min() and seen[0].max() < 512
+    assert torch.equal(seen[1], codes)
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():

@@ -164,7 +164,7 @@ class MAR(nn.Module):
         if labels is None:
             return self.fake_latent.expand(batch, -1)
         emb = self.class_emb(labels)
-        if self.training and self.cfg.label_drop_prob > 0:
+        if self.training:  # also at probability 0: fake_latent stays in the graph, as DDP expects
             drop = rng.rand((batch,), labels.device, generator) < self.cfg.label_drop_prob
             emb = torch.where(drop[:, None], self.fake_latent, emb)
         return emb
