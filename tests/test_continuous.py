@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from d2ctool.continuous.diffusion import DiffusionHead, NoiseSchedule, cosine_betas, spaced_timesteps
-from d2ctool.continuous.load import build_mar, init_from_checkpoint, load_mar, preset_config, save_mar
+from d2ctool.continuous.load import PRESETS, build_mar, init_from_checkpoint, load_mar, preset_config, save_mar
 from d2ctool.continuous.model import truncated_normal_mask_ratio
 from d2ctool.continuous.sample import sample_latents
 from d2ctool.errors import UserError
@@ -78,6 +78,21 @@ def test_full_presets_have_the_official_keys_and_shapes(preset, manifest):
     official = read_manifest(manifest)
     assert sorted(set(official) - set(ours)) == [] and sorted(set(ours) - set(official)) == []
     assert ours == official
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if "tiny" in p])
+def test_tiny_presets_fit_the_tiny_tokenizers(preset):
+    from d2ctool.tokenizers.load import preset_config as tokenizer_config
+
+    suffix = preset.removeprefix("mar-tiny").removeprefix("-") or "s4"
+    kl, vq = tokenizer_config("kl", f"kl-tiny-{suffix}"), tokenizer_config("vq", f"vq-tiny-{suffix}")
+    cfg = preset_config(preset, {"fusion": "add"})
+    assert (cfg.latent_channels, cfg.latent_size) == (kl.embed_dim, 32 // kl.stride)
+    assert (cfg.code_vocab, cfg.code_size) == (vq.codebook_size, 32 // vq.stride)
+    model = build_mar(cfg)
+    s = cfg.latent_size
+    loss = model(torch.randn(2, 4, s, s), torch.tensor([0, 1]), torch.randint(0, 512, (2, s * s)))
+    assert math.isfinite(loss.item())
 
 
 def test_official_container_loads_ema_strictly(tmp_path):

@@ -33,6 +33,7 @@ PRESETS = {
                        decoder_heads=16, diffloss_depth=12, diffloss_width=1536),  # mar_huge.pth
     # CPU-sized, for the tiny tokenizers at 32 px (kl-tiny-s4: 4 x 8 x 8 latents; vq-tiny-s4: 8 x 8 of 512 codes)
     "mar-tiny": MARConfig(**_TINY),
+    "mar-tiny-s8": MARConfig(**{**_TINY, "latent_size": 4, "code_size": 4}),  # kl-tiny-s8 / vq-tiny-s8
 }
 # which entry of an official container holds the weights, in order of preference
 OFFICIAL_KEYS = ("model_ema", "model", "state_dict")
