@@ -1,0 +1,84 @@
+"""Architecture of the stage-2 model: MAR's encoder/decoder, its diffusion head, and the discrete-code fusion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from d2ctool.config import ConfigError, bounded
+
+FUSIONS = ("none", "add", "prefix", "qformer", "crossattn")
+
+
+@dataclass
+class MARConfig:
+    """Defaults are MAR's `mar_base` at 256 px on the kl-16 latents (16 channels, 16 x 16 grid)."""
+
+    # the continuous latents: [B, latent_channels, latent_size, latent_size], cut into patch_size^2 tokens
+    latent_channels: int = bounded(16, min=1)
+    latent_size: int = bounded(16, min=1)
+    patch_size: int = bounded(1, min=1)
+    num_classes: int = bounded(1000, min=1)
+    buffer_size: int = bounded(64, min=1)  # copies of the class embedding in front of the sequence
+
+    encoder_dim: int = bounded(768, min=8)
+    encoder_depth: int = bounded(12, min=1)
+    encoder_heads: int = bounded(12, min=1)
+    decoder_dim: int = bounded(768, min=8)
+    decoder_depth: int = bounded(12, min=1)
+    decoder_heads: int = bounded(12, min=1)
+    mlp_ratio: float = bounded(4.0, min=0.25)
+    attn_dropout: float = bounded(0.1, min=0.0, max=0.9)
+    proj_dropout: float = bounded(0.1, min=0.0, max=0.9)
+    grad_checkpointing: bool = False
+
+    label_drop_prob: float = bounded(0.1, min=0.0, max=1.0)  # class -> fake_latent, for CFG
+    mask_ratio_min: float = bounded(0.7, min=0.0, max=1.0)  # truncated Gaussian on [min, 1], mean 1, std 0.25
+
+    # diffusion head: adaLN residual MLP, `diffloss_depth` blocks of width `diffloss_width`
+    diffloss_depth: int = bounded(6, min=1)
+    diffloss_width: int = bounded(1024, min=8)
+    diffusion_steps: int = bounded(1000, min=2)  # training timesteps of the cosine schedule
+    num_sampling_steps: int = bounded(100, min=2)  # respaced steps at sampling time
+    diffusion_batch_mul: int = bounded(4, min=1)  # each token's loss is taken on this many noise draws
+
+    # discrete codes: [B, code_size * code_size] indices into a codebook of code_vocab entries
+    fusion: Literal["none", "add", "prefix", "qformer", "crossattn"] = "none"
+    code_vocab: int = bounded(16384, min=2)
+    code_size: int = bounded(16, min=1)
+    qformer_queries: int = bounded(32, min=1)
+    qformer_depth: int = bounded(2, min=1)
+    code_corrupt_prob: float = bounded(0.0, min=0.0, max=1.0)  # training only: codes replaced by random ones
+
+    @property
+    def seq_size(self) -> int:
+        return self.latent_size // self.patch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.seq_size**2
+
+    @property
+    def token_dim(self) -> int:
+        return self.latent_channels * self.patch_size**2
+
+    @property
+    def code_len(self) -> int:
+        return self.code_size**2
+
+    def validate(self) -> "MARConfig":
+        """Relations between fields that single-field bounds cannot express."""
+        if self.latent_size % self.patch_size:
+            raise ConfigError(f"latent_size {self.latent_size} is not a multiple of patch_size {self.patch_size}")
+        for name in ("encoder", "decoder"):
+            dim, heads = getattr(self, f"{name}_dim"), getattr(self, f"{name}_heads")
+            if dim % heads:
+                raise ConfigError(f"{name}_dim {dim} is not divisible by {name}_heads {heads}")
+        if self.fusion == "add" and self.code_size != self.seq_size:
+            raise ConfigError(f"fusion 'add' adds one code embedding per token, so the code grid must equal the "
+                              f"token grid: code_size is {self.code_size}, latent_size / patch_size is "
+                              f"{self.seq_size}; use fusion prefix, qformer or crossattn for other grids")
+        if self.num_sampling_steps > self.diffusion_steps:
+            raise ConfigError(f"num_sampling_steps {self.num_sampling_steps} exceeds diffusion_steps "
+                              f"{self.diffusion_steps}")
+        return self

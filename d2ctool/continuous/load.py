@@ -1,0 +1,130 @@
+"""Build stage-2 models from presets and load checkpoints: MAR's official ones and our own format.
+
+MAR's released `mar_{base,large,huge}.pth` hold `{"model": ..., "model_ema": ...}`; the EMA weights
+are the ones to sample with, so `model_ema` is preferred. Its training checkpoints add `optimizer`,
+`epoch`, `scaler` and `args` (an argparse.Namespace, which `load_file` allows). A fused model can start
+from any such checkpoint with `init_from_checkpoint`: the matching keys load, the fusion's are new.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from d2ctool.checkpoints import _listing, load_file, load_strict, unwrap
+from d2ctool.config import ConfigError, build
+from d2ctool.continuous.config import MARConfig
+from d2ctool.continuous.model import MAR
+from d2ctool.errors import UserError
+from d2ctool.io import atomic_path, sha256_file
+
+_TINY = dict(latent_channels=4, latent_size=8, buffer_size=4, encoder_dim=64, encoder_depth=2, encoder_heads=4,
+             decoder_dim=64, decoder_depth=2, decoder_heads=4, attn_dropout=0.0, proj_dropout=0.0,
+             diffloss_depth=2, diffloss_width=128, num_sampling_steps=25, code_vocab=512, code_size=8,
+             qformer_queries=8, qformer_depth=1)
+PRESETS = {
+    "mar-b": MARConfig(),  # MAR mar_base: mar_base.pth
+    "mar-l": MARConfig(encoder_dim=1024, encoder_depth=16, encoder_heads=16, decoder_dim=1024, decoder_depth=16,
+                       decoder_heads=16, diffloss_depth=8, diffloss_width=1280),  # mar_large.pth
+    "mar-h": MARConfig(encoder_dim=1280, encoder_depth=20, encoder_heads=16, decoder_dim=1280, decoder_depth=20,
+                       decoder_heads=16, diffloss_depth=12, diffloss_width=1536),  # mar_huge.pth
+    # CPU-sized, for the tiny tokenizers at 32 px (kl-tiny-s4: 4 x 8 x 8 latents; vq-tiny-s4: 8 x 8 of 512 codes)
+    "mar-tiny": MARConfig(**_TINY),
+    "mar-tiny-s8": MARConfig(**{**_TINY, "latent_size": 4, "code_size": 4}),  # kl-tiny-s8 / vq-tiny-s8
+}
+# which entry of an official container holds the weights, in order of preference
+OFFICIAL_KEYS = ("model_ema", "model", "state_dict")
+OWN_FORMAT = "d2c-mar"
+
+
+@dataclass
+class MARInfo:
+    name: str  # preset name, or the name our own checkpoint carries
+    checkpoint: str
+    sha256: str
+    config: dict
+    weights: str  # which entry of the file was loaded
+
+    def record(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def preset_config(preset: str, overrides: dict | None = None) -> MARConfig:
+    """A preset's config with `overrides` (field -> value) applied, every value type- and bound-checked."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown MAR preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    return config_from_dict({**dataclasses.asdict(PRESETS[preset]), **(overrides or {})}, f"preset {preset}")
+
+
+def config_from_dict(data: dict, where: str) -> MARConfig:
+    try:
+        return build(MARConfig, data).validate()
+    except ConfigError as e:
+        raise UserError(f"{where}: invalid MAR config ({e})") from None
+
+
+def build_mar(cfg: MARConfig) -> MAR:
+    return MAR(cfg)
+
+
+def save_mar(path: str | Path, model: MAR, name: str = "custom", ema: dict | None = None, extra: dict | None = None):
+    """Write a model in our own format: its config travels with the weights (and the EMA weights, if any)."""
+    payload = {"format": OWN_FORMAT, "name": name, "config": dataclasses.asdict(model.cfg),
+               "model": model.state_dict(), **({"model_ema": ema} if ema is not None else {}), **(extra or {})}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _weights(obj: dict, checkpoint) -> tuple[dict, str]:
+    if obj.get("format") == OWN_FORMAT:
+        key = "model_ema" if isinstance(obj.get("model_ema"), dict) else "model"
+        return obj[key], key
+    return unwrap(obj, OFFICIAL_KEYS, checkpoint)
+
+
+def load_mar(preset: str, checkpoint: str | Path | None, overrides: dict | None = None) -> tuple[MAR, MARInfo]:
+    """The model with its weights (CPU, eval mode) and a record of what was loaded. Our own checkpoints
+    carry their config (the preset is ignored); official ones are read with the preset's architecture.
+    `overrides` change config fields that leave the state dict alone (e.g. num_sampling_steps)."""
+    if checkpoint is None:
+        raise UserError(f"no MAR checkpoint given: pass MAR's mar_base/large/huge.pth (with preset mar-b/l/h) or "
+                        f"a checkpoint of our own (preset given: {preset})")
+    obj = load_file(checkpoint)
+    if obj.get("format") == OWN_FORMAT:
+        cfg = config_from_dict({**obj["config"], **(overrides or {})}, str(checkpoint))
+        name = obj.get("name", "custom")
+    else:
+        cfg, name = preset_config(preset, overrides), preset
+    state_dict, weights = _weights(obj, checkpoint)
+    model = build_mar(cfg)
+    hint = (" (a fused model starts from a plain MAR checkpoint with init_from_checkpoint)"
+            if cfg.fusion != "none" else "")
+    load_strict(model, state_dict, str(checkpoint), f"the MAR model '{name}' (fusion {cfg.fusion}){hint}")
+    info = MARInfo(name, str(Path(checkpoint).resolve()), sha256_file(checkpoint), dataclasses.asdict(cfg), weights)
+    return model.eval(), info
+
+
+def init_from_checkpoint(model: MAR, checkpoint: str | Path) -> list[str]:
+    """Load every key of a MAR checkpoint (official or ours) that `model` has, and return the model's keys
+    the file did not provide (a fusion's new parameters), sorted. Keys of the file that the model lacks
+    and shape mismatches are refused: the architectures must agree apart from the fusion."""
+    obj = load_file(checkpoint)
+    state_dict, _ = _weights(obj, checkpoint)
+    expected = model.state_dict()
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    mismatched = [f"{k} {list(v.shape)} vs {list(expected[k].shape)}" for k, v in sorted(state_dict.items())
+                  if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if unexpected or mismatched:
+        parts = [f"{checkpoint} cannot initialise this MAR model (fusion {model.cfg.fusion}):"]
+        if unexpected:
+            parts.append(f"{len(unexpected)} key(s) the model lacks: {_listing(unexpected)};")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es) (file vs model): {_listing(mismatched)};")
+        parts.append("use the preset of the checkpoint's architecture (widths, depths, latent size) and change "
+                     "only the fusion")
+        raise UserError(" ".join(parts))
+    model.load_state_dict(state_dict, strict=False)
+    return sorted(k for k in expected if k not in state_dict)
