@@ -139,6 +139,20 @@ def train_discrete(recipe: RecipeOption = None, set_: SetOption = None):
     _report_training("train-discrete", result)
 
 
+@app.command("train-continuous", epilog="Examples:\n\n  d2c train-continuous --recipe recipes/tiny.yaml\n\n"
+                    "  torchrun --nproc_per_node 8 -m d2ctool train-continuous --recipe my.yaml "
+                    "--set continuous.model=mar-b --set continuous.fusion=add --set continuous.init=mar_base.pth")
+def train_continuous(recipe: RecipeOption = None, set_: SetOption = None):
+    """Train the stage-2 masked AR model (MAR + diffusion head) conditioned on discrete codes."""
+    from d2ctool.config import to_dict
+    from d2ctool.continuous.train import train_continuous as run
+    from d2ctool.recipe import recipe_yaml
+
+    recipe_cfg = _recipe(recipe, set_, "continuous")
+    result = run(recipe_cfg.continuous, to_dict(recipe_cfg.continuous), recipe_yaml(recipe_cfg))
+    _report_training("train-continuous", result)
+
+
 def _report_training(command: str, result) -> None:
     from d2ctool.distributed import rank_and_world
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from d2ctool.config import ConfigError, apply_overrides, build, nested, to_yaml
+from d2ctool.continuous.config import ContinuousConfig
 from d2ctool.data.config import PrepareConfig
 from d2ctool.discrete.config import DiscreteConfig
 from d2ctool.tokenizers.config import EncodeConfig, TokenizersConfig, TokenizerTrainingConfig
@@ -20,6 +21,7 @@ class Recipe:
     tokenizer_training: TokenizerTrainingConfig = nested(TokenizerTrainingConfig)
     encode: EncodeConfig = nested(EncodeConfig)
     discrete: DiscreteConfig = nested(DiscreteConfig)
+    continuous: ContinuousConfig = nested(ContinuousConfig)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), section: str | None = None) -> Recipe:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from d2ctool.config import ConfigError, bounded
+from d2ctool.config import ConfigError, bounded, nested
+from d2ctool.training.config import TrainConfig
 
 FUSIONS = ("none", "add", "prefix", "qformer", "crossattn")
 
@@ -82,3 +83,37 @@ class MARConfig:
             raise ConfigError(f"num_sampling_steps {self.num_sampling_steps} exceeds diffusion_steps "
                               f"{self.diffusion_steps}")
         return self
+
+
+@dataclass
+class ContinuousSamplingConfig:
+    """Stage-2 sampling knobs (MAR's defaults for mar-b: 64 steps, linear CFG)."""
+
+    num_iter: int = bounded(64, min=1)  # masked-AR steps
+    num_sampling_steps: int = bounded(100, min=2)  # diffusion steps of the head (respaced)
+    cfg_scale: float = bounded(2.9, min=1.0)
+    cfg_schedule: Literal["linear", "constant"] = "linear"
+    temperature: float = bounded(1.0, min=1e-3)
+
+
+@dataclass
+class ContinuousConfig:
+    """Recipe section `continuous`: the stage-2 model and its training run.
+
+    The latent channels and grid, the code vocabulary and grid, and the classes come from the encode
+    manifest; the preset gives the transformer and the diffusion head.
+    """
+
+    model: str = "mar-b"
+    fusion: Literal["none", "add", "prefix", "qformer", "crossattn"] = "add"
+    qformer_queries: int | None = None  # None: the preset's
+    qformer_depth: int | None = None
+    label_drop_prob: float | None = None
+    diffusion_batch_mul: int | None = None
+    code_corrupt_prob: float = bounded(0.0, min=0.0, max=1.0)  # robustness to stage-1 mistakes
+    init: str | None = None  # MAR's mar_*.pth or one of our stage-2 checkpoints, for any fusion
+    data: str | None = None  # encoded shards (d2c encode output)
+    out: str | None = None  # run folder
+    train: TrainConfig = nested(TrainConfig)
+    sampling: ContinuousSamplingConfig = nested(ContinuousSamplingConfig)
+    grid_samples: int = bounded(8, min=1)  # periodic grid: real images' codes -> stage-2 samples

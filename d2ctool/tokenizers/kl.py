@@ -3,7 +3,7 @@
 Preset `kl-16` has exactly the state dict of MAR's `AutoencoderKL(embed_dim=16, ch_mult=(1,1,2,2,4))`
 (`kl16.ckpt` loads strictly). Images in [-1, 1] -> posterior moments [B, 2C, h, w] (mean, then
 log-variance clamped to [-30, 20]) -> latents -> images. The latent scale factor lives here and
-nowhere else: `latents_from_moments` multiplies by it, `decode_latents` divides by it.
+nowhere else: `scaled_latents` multiplies by it, `decode_latents` divides by it.
 """
 
 from __future__ import annotations
@@ -57,11 +57,11 @@ class AutoencoderKL(nn.Module):
     def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None,
                              sample: bool = True) -> torch.Tensor:
         """A posterior sample (or the mean), times the scale factor: what stage 2 models."""
-        mean, logvar = moments.float().chunk(2, dim=1)
+        noise = None
         if sample:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            mean = mean + torch.exp(0.5 * logvar) * noise
-        return mean * self.cfg.scale_factor
+            noise = torch.randn(moments.shape[0], moments.shape[1] // 2, *moments.shape[2:], generator=generator,
+                                device=moments.device)
+        return scaled_latents(moments, self.cfg.scale_factor, noise)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (as stage 2 produces them) -> images."""
@@ -79,3 +79,15 @@ def posterior_kl(moments: torch.Tensor) -> torch.Tensor:
     """KL(posterior || N(0, I)), summed over latent elements, averaged over the batch."""
     mean, logvar = moments.float().chunk(2, dim=1)
     return 0.5 * torch.sum(mean**2 + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3]).mean()
+
+
+def scaled_latents(moments: torch.Tensor, scale_factor: float, noise: torch.Tensor | None) -> torch.Tensor:
+    """(mean + exp(logvar / 2) * noise) * scale_factor, or mean * scale_factor without noise.
+
+    The one place the encode side applies the scale; `AutoencoderKL.decode_latents` undoes it. Stage-2
+    training calls it on stored moments with the scale factor recorded in the encode manifest.
+    """
+    mean, logvar = moments.float().chunk(2, dim=1)
+    if noise is not None:
+        mean = mean + torch.exp(0.5 * logvar) * noise
+    return mean * scale_factor
