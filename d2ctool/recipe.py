@@ -9,11 +9,13 @@ import yaml
 
 from d2ctool.config import ConfigError, apply_overrides, build, nested, to_yaml
 from d2ctool.data.config import PrepareConfig
+from d2ctool.evaluation.config import FidConfig
 
 
 @dataclass
 class Recipe:
     prepare: PrepareConfig = nested(PrepareConfig)
+    fid: FidConfig = nested(FidConfig)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), section: str | None = None) -> Recipe:
@@ -33,7 +35,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), section: str
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe is a mapping of sections (prepare:, ...), got {type(data).__name__}")
+            raise ConfigError(f"{path}: a recipe is a mapping of sections (prepare:, fid:, ...), got {type(data).__name__}")
     data = apply_overrides(data, list(overrides), Recipe, section)
     try:
         return build(Recipe, data)
