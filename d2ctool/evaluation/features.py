@@ -216,6 +216,8 @@ class Extractor:
         if self.mode == "clean":
             x = torch.from_numpy(clean_resize(images)).to(self.device)
         else:
+            if not images.flags.writeable:  # e.g. read straight from an npz buffer
+                images = images.copy()
             x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float()
             x = tf_bilinear_resize(x)
         x = (x - 128) / 128

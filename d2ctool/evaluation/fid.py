@@ -112,11 +112,9 @@ def compute_metrics(samples: Features, ref: RefFeatures, *, is_split_size: int =
     """The numbers, from features alone."""
     if len(samples) < 2:
         raise UserError(f"FID needs at least 2 samples, got {len(samples)}")
-    mu, sigma = M.feature_stats(samples.pool)
-    out = {"fid": M.frechet_distance(mu, sigma, ref.mu, ref.sigma)}
+    out = {"fid": M.frechet_distance_to(samples.pool, ref.mu, ref.sigma, device)}
     if ref.mu_s is not None:
-        mu_s, sigma_s = M.feature_stats(samples.spatial)
-        out["sfid"] = M.frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s)
+        out["sfid"] = M.frechet_distance_to(samples.spatial, ref.mu_s, ref.sigma_s, device)
     else:
         out["sfid"] = None
     out["inception_score"] = M.inception_score(samples.logits, is_split_size)

@@ -57,29 +57,47 @@ class StatsAccumulator:
         return (mean + self.shift).cpu().numpy(), cov.cpu().numpy()
 
 
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+def frechet_distance(mu1, sigma1, mu2, sigma2, factor1=None, device="cpu") -> float:
+    """Fréchet distance between two Gaussians: ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2).
 
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Fréchet distance between two Gaussians.
-
-    tr((S1 S2)^1/2) is computed as the sum of the square roots of the eigenvalues of S1^1/2 S2 S1^1/2, which has
-    the same eigenvalues as S1 S2 but is symmetric positive semi-definite: no complex parts and no singular-product
-    fallback (the ADM evaluator uses scipy's sqrtm, adding 1e-6 to the diagonals when the product is singular).
+    tr((S1 S2)^1/2) is the sum of the square roots of the eigenvalues of S1 S2, computed (float64) as those of
+    L^T S2 L for any factor S1 = L L^T: symmetric positive semi-definite, so there are no complex parts and no
+    singular-product fallback (the ADM evaluator uses scipy's sqrtm, adding 1e-6 to the diagonals when the
+    product is singular). L is `factor1` when given (e.g. centred features / sqrt(n - 1), cheap when n < d),
+    else the Cholesky factor of S1, else (S1 singular) V diag(sqrt(w)) from its eigendecomposition.
     """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape}")
-    root1 = _psd_sqrt(sigma1)
-    product = root1 @ sigma2 @ root1
-    eigenvalues = np.linalg.eigvalsh((product + product.T) / 2)
-    tr_covmean = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+    import torch
+
+    def t(a):
+        return torch.as_tensor(np.asarray(a, dtype=np.float64), device=device)
+
+    mu1, mu2 = t(np.atleast_1d(mu1)), t(np.atleast_1d(mu2))
+    sigma1, sigma2 = t(np.atleast_2d(sigma1)), t(np.atleast_2d(sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or tuple(sigma1.shape) != tuple(mu1.shape) * 2:
+        raise ValueError(f"statistics of different dimensions: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
+                         f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)}")
+    sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2
+    if factor1 is not None:
+        factor = t(factor1)
+    else:
+        factor, status = torch.linalg.cholesky_ex(sigma1)
+        if status.item() != 0 or not torch.isfinite(factor).all():
+            w, v = torch.linalg.eigh(sigma1)
+            factor = v * w.clamp_min(0).sqrt()
+    product = factor.T @ sigma2 @ factor
+    eigenvalues = torch.linalg.eigvalsh((product + product.T) / 2)
+    tr_covmean = eigenvalues.clamp_min(0).sqrt().sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
+
+
+def frechet_distance_to(features: np.ndarray, mu2, sigma2, device="cpu") -> float:
+    """FID of a feature set against (mu2, sigma2); with fewer vectors than dimensions the centred features
+    themselves factor the covariance (an n x n eigenproblem instead of d x d)."""
+    x = np.asarray(features, dtype=np.float64)
+    mu, sigma = feature_stats(x)
+    factor = ((x - mu) / np.sqrt(len(x) - 1)).T if len(x) <= x.shape[1] else None
+    return frechet_distance(mu, sigma, mu2, sigma2, factor, device)
 
 
 def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:

@@ -118,20 +118,18 @@ class BlockE(nn.Module):  # 8x8: mixed_9 (average-pool branch), mixed_10 (max-po
                           self.tower_2_conv(self.tower_2_pool(x))], 1)
 
 
-def tf_bilinear_resize(x: Tensor, size: int = INPUT_SIZE) -> Tensor:
+def tf_bilinear_resize(x: Tensor, size: int = 299) -> Tensor:
     """TensorFlow 1's `resize_bilinear(align_corners=False)` (no half-pixel centres), as the TF graph does.
 
     Output pixel i samples input coordinate i * in / out, interpolating between floor and floor + 1 with
     the last row/column repeated. Written with grid_sample (border padding) as the TorchScript model does.
     """
-    n, _, h, w = x.shape
+    n, h, w = x.shape[0], x.shape[2], x.shape[3]
     ys = torch.arange(size, device=x.device, dtype=torch.float32) * (h / size)
     xs = torch.arange(size, device=x.device, dtype=torch.float32) * (w / size)
     # grid_sample(align_corners=False) reads pixel p at normalised (2p + 1) / n - 1
-    gy = (2 * ys + 1) / h - 1
-    gx = (2 * xs + 1) / w - 1
-    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
-    grid = grid.to(x.dtype).unsqueeze(0).expand(n, size, size, 2)
+    grid_y, grid_x = torch.meshgrid((2 * ys + 1) / h - 1, (2 * xs + 1) / w - 1, indexing="ij")
+    grid = torch.stack([grid_x, grid_y], dim=-1).to(x.dtype).unsqueeze(0).expand(n, size, size, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -167,7 +165,7 @@ class InceptionV3TF(nn.Module):
                 no_output_bias: bool = False) -> Tensor:
         x = tf_bilinear_resize(img.to(torch.float32))
         x = (x - 128) / 128
-        features = self.layers(x).reshape(-1, NUM_FEATURES)
+        features = self.layers(x).reshape(-1, 2048)
         if return_features:
             return features
         logits = F.linear(features, self.output.weight, None if no_output_bias else self.output.bias)
