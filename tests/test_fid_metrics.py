@@ -24,7 +24,7 @@ def scipy_fid(mu1, sigma1, mu2, sigma2):
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
 
-@pytest.mark.parametrize("n, d", [(400, 16), (600, 64), (900, 256)])
+@pytest.mark.parametrize("n, d", [(400, 16), (700, 128)])
 def test_frechet_distance_matches_scipy_sqrtm(n, d):
     rng = np.random.default_rng(d)
     mix = rng.normal(size=(d, d)) / np.sqrt(d)

@@ -24,6 +24,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "d2c" / "fid"
 
 
+def make_cache(cfg) -> "FeatureCache":
+    """The cache a `fid` recipe section asks for (fid.cache, fid.cache_dir)."""
+    return FeatureCache((cfg.cache_dir or default_cache_dir()) if cfg.cache else None)
+
+
 def cache_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 

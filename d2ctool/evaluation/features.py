@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from d2ctool.errors import UserError
-from d2ctool.evaluation.network import INPUT_SIZE, NUM_FEATURES, random_inception, tf_bilinear_resize
+from d2ctool.evaluation.network import (INPUT_SIZE, NUM_FEATURES, fold_batchnorm_, random_inception,
+                                        tf_bilinear_resize)
 from d2ctool.io import atomic_path, sha256_file
 
 WEIGHTS_FILE = "inception-2015-12-05.pt"
@@ -156,6 +157,7 @@ class Extractor:
             self.random_seed = random_seed
             model = random_inception(random_seed)
             self.weights_sha256 = _state_sha256(model)
+            fold_batchnorm_(model)  # the same function, one pass over the activations less per layer
         else:
             self.random_seed = None
             self.weights_path = resolve_weights(weights, download)

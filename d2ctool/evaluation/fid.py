@@ -16,9 +16,9 @@ import numpy as np
 from d2ctool.config import to_dict
 from d2ctool.errors import UserError
 from d2ctool.evaluation import metrics as M
-from d2ctool.evaluation.cache import FeatureCache, default_cache_dir
+from d2ctool.evaluation.cache import FeatureCache, make_cache
 from d2ctool.evaluation.features import RANDOM_LABEL, Extractor, Features
-from d2ctool.evaluation.inputs import ImageSet, load_reference_npz, open_images
+from d2ctool.evaluation.inputs import ImageSet, ReferenceNpz, load_reference_npz, open_images
 from d2ctool.evaluation.reference import cached_reference, extract_features, versions
 from d2ctool.io import sha256_file, write_json
 from d2ctool.progress import info
@@ -43,10 +43,6 @@ def make_extractor(cfg) -> Extractor:
                      random_seed=cfg.random_seed, device=cfg.device, batch_size=cfg.batch_size)
 
 
-def make_cache(cfg) -> FeatureCache:
-    return FeatureCache((cfg.cache_dir or default_cache_dir()) if cfg.cache else None)
-
-
 def stored_stats_usable(meta: dict | None, extractor: Extractor) -> tuple[bool, str]:
     """Were a reference file's stored statistics made by this extractor? (usable, what made them)"""
     if meta is None:  # an official ADM reference batch: TensorFlow's Inception graph
@@ -59,11 +55,34 @@ def stored_stats_usable(meta: dict | None, extractor: Extractor) -> tuple[bool, 
     return same, made_by
 
 
-def reference_features(ref_path: str | Path, extractor: Extractor, cfg, cache: FeatureCache) -> RefFeatures:
-    """Statistics and precision/recall features of the reference: an ADM npz, a shard folder or an image folder."""
+def _existing_reference(ref_path: str | Path) -> Path:
     ref_path = Path(ref_path)
-    if ref_path.is_file() and ref_path.suffix.lower() == ".npz":
+    if not ref_path.exists():
+        raise UserError(f"reference not found: {ref_path} (an ADM reference npz such as "
+                        "VIRTUAL_imagenet256_labeled.npz, a `d2c fid-ref` npz, a shard folder or an image folder)")
+    return ref_path
+
+
+def open_reference(ref_path: str | Path, extractor: Extractor, cfg) -> ReferenceNpz | ImageSet:
+    """Check the reference before any features are computed: an ADM npz, a shard folder or an image folder."""
+    ref_path = _existing_reference(ref_path)
+    if ref_path.is_file():
+        if ref_path.suffix.lower() != ".npz":
+            raise UserError(f"{ref_path}: the reference must be an .npz file, a shard folder or an image folder")
         ref = load_reference_npz(ref_path)
+        usable, made_by = stored_stats_usable(ref.meta, extractor) if ref.has_stats else (False, "")
+        if not usable and ref.images is None:
+            raise UserError(f"{ref_path}: its mu/sigma were made by {made_by}, not by {extractor.label()}, and it "
+                            "holds no images (arr_0) to compute new ones from; use a reference made with the same "
+                            "extractor (`d2c fid-ref`) or one with images")
+        return ref
+    return open_images(ref_path, crop=cfg.resolution, workers=cfg.workers, what="reference")
+
+
+def reference_features(ref: ReferenceNpz | ImageSet, extractor: Extractor, cfg, cache: FeatureCache) -> RefFeatures:
+    """Statistics and precision/recall features of an opened reference (see open_reference)."""
+    if isinstance(ref, ReferenceNpz):
+        ref_path = ref.path
         info_ = {"path": str(ref_path), "kind": "npz", "sha256": sha256_file(ref_path),
                  "d2c_meta": ref.meta is not None}
         usable, made_by = stored_stats_usable(ref.meta, extractor) if ref.has_stats else (False, "")
@@ -90,21 +109,17 @@ def reference_features(ref_path: str | Path, extractor: Extractor, cfg, cache: F
             mu_s, sigma_s = M.feature_stats(spatial)
             info_["statistics"] = f"computed from the reference file's {len(pool)} images (arr_0)"
             info_["statistics_images"] = len(pool)
-        else:
-            raise UserError(f"{ref_path}: its mu/sigma were made by {made_by}, not by {extractor.label()}, and it "
-                            "holds no images (arr_0) to compute new ones from; use a reference made with the same "
-                            "extractor (`d2c fid-ref`) or one with images")
+        else:  # excluded by open_reference
+            raise AssertionError("reference without usable statistics or images")
         return RefFeatures(mu, sigma, mu_s, sigma_s, pool, info_)
 
-    images = open_images(ref_path, crop=cfg.resolution, workers=cfg.workers, what="reference")
-    if images.kind == "npz":  # an image npz named otherwise; handled above for .npz
-        raise UserError(f"{ref_path}: a reference npz must end in .npz")
+    images = ref
     ref, _ = cached_reference(images, extractor, cache, cfg.num_ref_images, cfg.seed)
     info_ = {**images.describe(), "content_sha256": images.content_sha256(),
              "statistics": f"computed from all {ref.num_images} images (ADM center crop {cfg.resolution})",
-             "statistics_images": ref.num_images, "images": len(ref.pool), "kept_seed": cfg.seed,
+             "statistics_images": ref.num_images, "images": len(ref.kept), "kept_seed": cfg.seed,
              "image_size": [cfg.resolution, cfg.resolution]}
-    return RefFeatures(ref.mu, ref.sigma, ref.mu_s, ref.sigma_s, ref.pool, info_)
+    return RefFeatures(ref.mu, ref.sigma, ref.mu_s, ref.sigma_s, ref.kept_features.pool, info_)
 
 
 def compute_metrics(samples: Features, ref: RefFeatures, *, is_split_size: int = 5000, k: int = 3,
@@ -150,17 +165,14 @@ def run_fid(samples_path: str | Path, ref_path: str | Path, cfg, out: str | Path
     if not out.parent.exists():
         raise UserError(f"--out: folder not found: {out.parent} (create it first)")
     samples: ImageSet = open_images(samples_path, workers=cfg.workers, what="samples")
-    if not Path(ref_path).exists():
-        raise UserError(f"reference not found: {ref_path} (an ADM reference npz such as "
-                        "VIRTUAL_imagenet256_labeled.npz, a `d2c fid-ref` npz, a shard folder or an image folder)")
-    if Path(ref_path).is_file() and Path(ref_path).suffix.lower() != ".npz":
-        raise UserError(f"{ref_path}: the reference must be an .npz file, a shard folder or an image folder")
+    _existing_reference(ref_path)  # before the weights: the cheapest mistakes first
     extractor = make_extractor(cfg)
+    reference = open_reference(ref_path, extractor, cfg)
     if extractor.random:
         info(f"fid: WARNING {RANDOM_LABEL}")
     cache = make_cache(cfg)
     sample_feats, _ = extract_features(samples, extractor, cache, "samples")
-    ref = reference_features(ref_path, extractor, cfg, cache)
+    ref = reference_features(reference, extractor, cfg, cache)
     values = compute_metrics(sample_feats, ref, is_split_size=cfg.is_split_size, k=cfg.pr_k,
                              pr_batch_size=cfg.pr_batch_size, device=extractor.device)
 

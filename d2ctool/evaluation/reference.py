@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from d2ctool.errors import UserError
-from d2ctool.evaluation.cache import FeatureCache, cache_key
+from d2ctool.evaluation.cache import FeatureCache, cache_key, make_cache
 from d2ctool.evaluation.features import Extractor, Features
 from d2ctool.evaluation.inputs import ImageSet
 from d2ctool.evaluation.metrics import StatsAccumulator
@@ -42,10 +42,34 @@ def versions() -> dict:
     return out
 
 
+def features_key(images: ImageSet, extractor: Extractor) -> str:
+    return cache_key(kind="features", input=images.content_sha256(), source_kind=images.kind, crop=images.crop,
+                     extractor=extractor.fingerprint(), format=FORMAT_VERSION)
+
+
+def reference_key(images: ImageSet, extractor: Extractor, keep: int, seed: int) -> str:
+    return cache_key(kind="reference", input=images.content_sha256(), source_kind=images.kind, crop=images.crop,
+                     keep=keep, seed=seed, extractor=extractor.fingerprint(), format=FORMAT_VERSION)
+
+
+def save_features(cache: FeatureCache, images: ImageSet, extractor: Extractor, features: Features) -> None:
+    cache.save("features", features_key(images, extractor),
+               {"pool": features.pool, "spatial": features.spatial, "logits": features.logits},
+               {"input": images.describe(), "extractor": extractor.describe()})
+
+
+def save_reference(cache: FeatureCache, images: ImageSet, extractor: Extractor, keep: int, seed: int,
+                   ref: "Reference") -> None:
+    cache.save("reference", reference_key(images, extractor, keep, seed),
+               {"mu": ref.mu, "sigma": ref.sigma, "mu_s": ref.mu_s, "sigma_s": ref.sigma_s,
+                "pool": ref.kept_features.pool, "spatial": ref.kept_features.spatial,
+                "logits": ref.kept_features.logits, "kept": ref.kept},
+               {"num_images": ref.num_images, "input": images.describe(), "extractor": extractor.describe()})
+
+
 def extract_features(images: ImageSet, extractor: Extractor, cache: FeatureCache, desc: str) -> tuple[Features, bool]:
     """All features of an image set, from the cache when this set was seen by this extractor. (features, cached)"""
-    key = cache_key(kind="features", input=images.content_sha256(), source_kind=images.kind, crop=images.crop,
-                    extractor=extractor.fingerprint(), format=FORMAT_VERSION)
+    key = features_key(images, extractor)
     hit = cache.load("features", key)
     if hit is not None:
         arrays, _ = hit
@@ -57,8 +81,7 @@ def extract_features(images: ImageSet, extractor: Extractor, cache: FeatureCache
             parts.append(extractor(batch))
             bar.advance(len(batch))
     features = Features.concat(parts)
-    cache.save("features", key, {"pool": features.pool, "spatial": features.spatial, "logits": features.logits},
-               {"input": images.describe(), "extractor": extractor.describe()})
+    save_features(cache, images, extractor, features)
     return features, False
 
 
@@ -69,7 +92,7 @@ class Reference:
     mu_s: np.ndarray
     sigma_s: np.ndarray
     num_images: int  # images behind the statistics
-    pool: np.ndarray  # pool features of the kept images (precision/recall)
+    kept_features: Features  # features of the kept images (precision/recall)
     kept: np.ndarray  # indices of the kept images in the source order
     images: np.ndarray | None = None  # the kept images themselves (fid-ref), uint8 [K, H, W, 3]
 
@@ -90,7 +113,7 @@ def compute_reference(images: ImageSet, extractor: Extractor, keep: int, seed: i
     is_kept = np.zeros(total, dtype=bool)
     is_kept[kept] = True
     pool_acc = spatial_acc = None
-    kept_pool, kept_images = [], []
+    kept_feats, kept_images = [], []
     seen = 0
     with Progress(total, desc) as bar:
         for batch in images.batches(extractor.batch_size):
@@ -101,7 +124,7 @@ def compute_reference(images: ImageSet, extractor: Extractor, keep: int, seed: i
             pool_acc.add(feats.pool)
             spatial_acc.add(feats.spatial)
             mask = is_kept[seen:seen + len(batch)]
-            kept_pool.append(feats.pool[mask])
+            kept_feats.append(Features(feats.pool[mask], feats.spatial[mask], feats.logits[mask]))
             if keep_images:
                 kept_images.append(batch[mask])
             seen += len(batch)
@@ -110,25 +133,22 @@ def compute_reference(images: ImageSet, extractor: Extractor, keep: int, seed: i
         raise UserError(f"{images.path}: expected {total} images, read {seen}; is it being written to?")
     mu, sigma = pool_acc.stats()
     mu_s, sigma_s = spatial_acc.stats()
-    return Reference(mu, sigma, mu_s, sigma_s, total, np.concatenate(kept_pool), kept,
+    return Reference(mu, sigma, mu_s, sigma_s, total, Features.concat(kept_feats), kept,
                      np.concatenate(kept_images) if keep_images else None)
 
 
 def cached_reference(images: ImageSet, extractor: Extractor, cache: FeatureCache, keep: int, seed: int,
                      desc: str = "reference") -> tuple[Reference, bool]:
     """compute_reference without the images, through the cache. (reference, cached)"""
-    key = cache_key(kind="reference", input=images.content_sha256(), source_kind=images.kind, crop=images.crop,
-                    keep=keep, seed=seed, extractor=extractor.fingerprint(), format=FORMAT_VERSION)
+    key = reference_key(images, extractor, keep, seed)
     hit = cache.load("reference", key)
     if hit is not None:
         a, meta = hit
         info(f"{desc}: statistics of {meta['num_images']} images read from the cache ({cache.path('reference', key)})")
-        return Reference(a["mu"], a["sigma"], a["mu_s"], a["sigma_s"], int(meta["num_images"]), a["pool"],
-                         a["kept"]), True
+        return Reference(a["mu"], a["sigma"], a["mu_s"], a["sigma_s"], int(meta["num_images"]),
+                         Features(a["pool"], a["spatial"], a["logits"]), a["kept"]), True
     ref = compute_reference(images, extractor, keep, seed, keep_images=False, desc=desc)
-    cache.save("reference", key, {"mu": ref.mu, "sigma": ref.sigma, "mu_s": ref.mu_s, "sigma_s": ref.sigma_s,
-                                  "pool": ref.pool, "kept": ref.kept},
-               {"num_images": ref.num_images, "input": images.describe(), "extractor": extractor.describe()})
+    save_reference(cache, images, extractor, keep, seed, ref)
     return ref, False
 
 
@@ -184,4 +204,10 @@ def fid_ref(src: str | Path, out: str | Path, cfg, resolved_config: str) -> FidR
             "settings": to_dict(cfg), "versions": versions()}
     write_reference_npz(out, ref, meta)
     write_text(out.with_name(out.stem + ".config.yaml"), resolved_config)
+    if cfg.cache:  # `d2c fid --ref SRC` and `d2c fid --ref OUT.npz` then start from these features
+        from d2ctool.evaluation.inputs import NpzImages
+
+        cache = make_cache(cfg)
+        save_reference(cache, images, extractor, cfg.num_ref_images, cfg.seed, ref)
+        save_features(cache, NpzImages(out), extractor, ref.kept_features)
     return FidRefResult(out, ref.num_images, len(ref.kept), seconds, extractor.describe())
