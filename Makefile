@@ -23,6 +23,7 @@ reproduce: install
 
 bench: install
 	$(BIN)/python bench/prepare.py
+	$(BIN)/python bench/fid.py
 
 clean:
 	rm -rf $(RUN)
