@@ -16,12 +16,14 @@ filter in float (no quantization) before the network. Both then map [0, 255] to 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import shutil
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +125,18 @@ def clean_resize(images: np.ndarray) -> np.ndarray:
     return np.clip(out, 0, 255, out=out)
 
 
+@contextlib.contextmanager
+def full_float32():
+    """Inception runs in true float32: no TF32 in CUDA convolutions and matmuls (on by default for convolutions
+    on Ampere and newer), no bf16/fp16 anywhere."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @dataclass
 class Features:
     pool: np.ndarray  # [N, 2048] float32
@@ -163,7 +177,9 @@ class Extractor:
             self.weights_path = resolve_weights(weights, download)
             self.weights_sha256 = sha256_file(self.weights_path)
             try:
-                model = torch.jit.load(str(self.weights_path), map_location="cpu").eval()
+                with warnings.catch_warnings():  # torch deprecates TorchScript; the file is TorchScript
+                    warnings.simplefilter("ignore", FutureWarning)
+                    model = torch.jit.load(str(self.weights_path), map_location="cpu").eval()
                 model.layers, model.output.weight  # noqa: B018 - the interface the extractor relies on
             except Exception as e:  # a truncated download, an HTML error page, another network
                 raise UserError(f"{self.weights_path}: not clean-fid's TorchScript Inception ({WEIGHTS_FILE}): "
@@ -178,17 +194,19 @@ class Extractor:
         if [name for name, _ in self._children][-1] != "pool2" or "mixed_6" not in dict(self._children):
             raise UserError(f"{self.weights_path}: unexpected layer layout; expected clean-fid's {WEIGHTS_FILE}")
         self.output_weight = self.model.output.weight.detach().to(self.device, torch.float32)
-        if not self.random and mode == "legacy_tensorflow":
+        if not self.random:
             self._check_against_network_forward()
 
     @torch.inference_mode()
     def _check_against_network_forward(self) -> None:
-        """Our layer-by-layer pass (needed for the spatial features) must give the file's own pool features."""
+        """Our layer-by-layer pass (needed for the spatial features) and our TF-bilinear resize must give the
+        file's own forward pass (which resizes inside): a 64x48 image through both."""
         rng = np.random.default_rng(0)
-        image = rng.integers(0, 256, size=(1, 64, 48, 3), dtype=np.uint8)
-        ours = self(image).pool
-        theirs = self.model(torch.from_numpy(image).permute(0, 3, 1, 2).float().to(self.device),
-                            return_features=True).float().cpu().numpy()
+        image = torch.from_numpy(rng.integers(0, 256, size=(1, 3, 64, 48), dtype=np.uint8)).float().to(self.device)
+        x = ((tf_bilinear_resize(image) - 128) / 128).contiguous(memory_format=torch.channels_last)
+        with full_float32():
+            ours = self._network(x)[0].cpu().numpy()
+            theirs = self.model(image, return_features=True).float().cpu().numpy()
         if not np.allclose(ours, theirs, rtol=1e-3, atol=1e-4):
             raise UserError(f"{self.weights_path}: its forward pass disagrees with d2c's layer-by-layer pass "
                             f"(max difference {np.abs(ours - theirs).max():.3g}); is it clean-fid's {WEIGHTS_FILE}?")
@@ -231,15 +249,19 @@ class Extractor:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images of shape [N, H, W, 3], got {images.dtype} {images.shape}")
         parts = []
-        for start in range(0, len(images), self.batch_size):
-            x = self._preprocess(images[start:start + self.batch_size])
-            spatial = None
-            for name, layer in self._children:
-                if name == "mixed_6":
-                    s = layer.conv(x)[:, :SPATIAL_CHANNELS]
-                    spatial = s.permute(0, 2, 3, 1).reshape(len(s), -1)
-                x = layer(x)
-            pool = x.reshape(-1, NUM_FEATURES).float()
-            logits = pool @ self.output_weight.T
-            parts.append(Features(pool.cpu().numpy(), spatial.float().cpu().numpy(), logits.cpu().numpy()))
+        with full_float32():
+            for start in range(0, len(images), self.batch_size):
+                pool, spatial, logits = self._network(self._preprocess(images[start:start + self.batch_size]))
+                parts.append(Features(pool.cpu().numpy(), spatial.cpu().numpy(), logits.cpu().numpy()))
         return Features.concat(parts)
+
+    def _network(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised 299x299 input -> (pool_3, mixed_6/conv[..., :7] flattened HWC, pool_3 @ W.T)."""
+        spatial = None
+        for name, layer in self._children:
+            if name == "mixed_6":
+                s = layer.conv(x)[:, :SPATIAL_CHANNELS]
+                spatial = s.permute(0, 2, 3, 1).reshape(len(s), -1).float()
+            x = layer(x)
+        pool = x.reshape(-1, NUM_FEATURES).float()
+        return pool, spatial, pool @ self.output_weight.T

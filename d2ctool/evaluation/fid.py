@@ -17,7 +17,7 @@ from d2ctool.config import to_dict
 from d2ctool.errors import UserError
 from d2ctool.evaluation import metrics as M
 from d2ctool.evaluation.cache import FeatureCache, make_cache
-from d2ctool.evaluation.features import RANDOM_LABEL, Extractor, Features
+from d2ctool.evaluation.features import RANDOM_LABEL, Extractor, Features, full_float32
 from d2ctool.evaluation.inputs import ImageSet, ReferenceNpz, load_reference_npz, open_images
 from d2ctool.evaluation.reference import cached_reference, extract_features, versions
 from d2ctool.io import sha256_file, write_json
@@ -173,8 +173,9 @@ def run_fid(samples_path: str | Path, ref_path: str | Path, cfg, out: str | Path
     cache = make_cache(cfg)
     sample_feats, _ = extract_features(samples, extractor, cache, "samples")
     ref = reference_features(reference, extractor, cfg, cache)
-    values = compute_metrics(sample_feats, ref, is_split_size=cfg.is_split_size, k=cfg.pr_k,
-                             pr_batch_size=cfg.pr_batch_size, device=extractor.device)
+    with full_float32():
+        values = compute_metrics(sample_feats, ref, is_split_size=cfg.is_split_size, k=cfg.pr_k,
+                                 pr_batch_size=cfg.pr_batch_size, device=extractor.device)
 
     notes = []
     if len(samples) != ADM_NUM_SAMPLES:
