@@ -33,6 +33,19 @@ from d2ctool.recipe import load_recipe, recipe_yaml
 ADM_KEYS = {"arr_0", "mu", "sigma", "mu_s", "sigma_s"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Lean on the shared 2-core machine: one intra-op thread (an oversubscribed pool is several times slower)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def cli_env(**extra):
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """8 synthetic 48x48 images in 3 shards, and a feature cache shared by this module's tests."""
@@ -245,7 +258,7 @@ def test_fid_ref_writes_the_adm_layout_and_its_statistics_match_a_direct_computa
 
 
 def test_cli_fid_ref_and_fid_end_to_end_with_the_feature_cache(work, tmp_path):
-    env = {**os.environ, "D2C_CACHE_DIR": str(tmp_path / "cache")}
+    env = cli_env(D2C_CACHE_DIR=str(tmp_path / "cache"))
     ref = tmp_path / "ref.npz"
     run_d2c("fid-ref", work / "shards", ref, "--features", "inception-random", "--resolution", "32",
             "--num-images", "8", "--device", "cpu", env=env, check=True)
@@ -278,7 +291,7 @@ def test_missing_weights_offline_error_names_the_file_and_writes_nothing(tmp_pat
     images = save_pngs(tmp_path / "images", rand_images(4, 16, 16, seed=2))
     cache = tmp_path / "empty-cache"
     cache.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "D2C_INCEPTION_WEIGHTS"}
+    env = {k: v for k, v in cli_env().items() if k != "D2C_INCEPTION_WEIGHTS"}
     env.update(D2C_INCEPTION_CACHE=str(cache), D2C_CACHE_DIR=str(tmp_path / "features"),
                D2C_INCEPTION_URL="http://127.0.0.1:9/inception-2015-12-05.pt")  # nothing listens: no network
     metrics = tmp_path / "out" / "metrics.json"

@@ -7,12 +7,22 @@ import warnings
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 import scipy.spatial.distance
 import scipy.special
 import scipy.stats
 
 from d2ctool.evaluation.metrics import (StatsAccumulator, feature_stats, frechet_distance, frechet_distance_to,
                                         inception_score, manifold_radii, precision_recall)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Lean on the shared 2-core machine: one intra-op thread."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 def scipy_fid(mu1, sigma1, mu2, sigma2):
