@@ -32,6 +32,7 @@ reproduce: install
 bench: install
 	$(BIN)/python bench/prepare.py
 	$(BIN)/python bench/encode.py
+	$(BIN)/python bench/fid.py
 
 clean:
 	rm -rf $(RUN)

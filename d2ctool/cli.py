@@ -160,6 +160,86 @@ def _report_training(command: str, result) -> None:
         resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
         extra = "".join(f"; {k} {v}" for k, v in result.summary.items())
         print(f"{command}: {result.step} steps{resumed} -> {result.run_dir}{extra}")
+FeaturesOption = Annotated[Optional[str], typer.Option(
+    "--features", help="Extractor: inception (clean-fid's TF-compatible Inception, the default) or inception-random "
+                       "(random weights: tests and CPU demo only, numbers not comparable).")]
+ModeOption = Annotated[Optional[str], typer.Option(
+    "--mode", help="Preprocessing: legacy_tensorflow (default; matches the ADM evaluator's TF graph) or clean.")]
+WeightsOption = Annotated[Optional[Path], typer.Option(
+    "--inception-weights", help="Path to inception-2015-12-05.pt (else $D2C_INCEPTION_WEIGHTS, then clean-fid's "
+                                "cache /tmp/inception-2015-12-05.pt, then a download).")]
+BatchOption = Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass (fid.batch_size).")]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (default: cuda if available), cpu, cuda:N.")]
+
+
+def _fid_overrides(**values) -> list[str]:
+    return [f"fid.{key}={value}" for key, value in values.items() if value is not None]
+
+
+@app.command(epilog="Examples:\n\n"
+                    "  d2c fid runs/in256/samples.npz --ref VIRTUAL_imagenet256_labeled.npz "
+                    "--inception-weights inception-2015-12-05.pt\n\n"
+                    "  d2c fid runs/tiny/samples --ref runs/tiny/ref.npz --features inception-random\n\n"
+                    "  d2c fid runs/tiny/samples --ref runs/tiny/shards --set fid.num_ref_images=500")
+def fid(
+    samples: Annotated[Path, typer.Argument(help="Generated images: a PNG folder or an ADM-format .npz (arr_0: "
+                                                 "uint8 [N, H, W, 3]).")],
+    ref: Annotated[Path, typer.Option("--ref", help="Reference: an ADM reference .npz (mu/sigma, images for "
+                                                    "precision/recall), a `d2c fid-ref` .npz, a shard folder or "
+                                                    "an image folder.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Metrics file (default: metrics.json beside the "
+                                                              "samples).")] = None,
+    features: FeaturesOption = None,
+    mode: ModeOption = None,
+    inception_weights: WeightsOption = None,
+    batch_size: BatchOption = None,
+    device: DeviceOption = None,
+    recipe: RecipeOption = None,
+    set_: SetOption = None,
+):
+    """FID, sFID, Inception Score, precision and recall of SAMPLES against REF (the ADM evaluator's protocol)."""
+    from d2ctool.evaluation.fid import format_table, run_fid
+
+    extra = _fid_overrides(features=features, mode=mode, inception_weights=inception_weights,
+                           batch_size=batch_size, device=device)
+    recipe_cfg = _recipe(recipe, set_, "fid", extra)
+    result = run_fid(samples, ref, recipe_cfg.fid, out)
+    print(format_table(result.metrics))
+    print(f"fid: metrics written to {result.out}")
+
+
+@app.command("fid-ref", epilog="Examples:\n\n"
+                               "  d2c fid-ref shards/imagenet-train refs/imagenet256.npz "
+                               "--inception-weights inception-2015-12-05.pt\n\n"
+                               "  d2c fid-ref runs/tiny/shards runs/tiny/ref.npz --features inception-random "
+                               "--resolution 64 --num-images 500")
+def fid_ref(
+    src: Annotated[Path, typer.Argument(help="Image shards (a `d2c prepare` output folder) or an image folder.")],
+    out: Annotated[Path, typer.Argument(help="Reference file to write (.npz, ADM layout: arr_0, mu, sigma, mu_s, "
+                                             "sigma_s); the resolved recipe goes to OUT.config.yaml.")],
+    num_images: Annotated[Optional[int], typer.Option(
+        "--num-images", help="Reference images kept in arr_0 for precision/recall (fid.num_ref_images, "
+                             "default 10000).")] = None,
+    resolution: Annotated[Optional[int], typer.Option(
+        "--resolution", help="ADM center crop size (fid.resolution, default 256).")] = None,
+    features: FeaturesOption = None,
+    mode: ModeOption = None,
+    inception_weights: WeightsOption = None,
+    batch_size: BatchOption = None,
+    device: DeviceOption = None,
+    recipe: RecipeOption = None,
+    set_: SetOption = None,
+):
+    """Reference statistics (mu/sigma over all images) + reference images, in the ADM reference-batch layout."""
+    from d2ctool.evaluation.reference import fid_ref as run_fid_ref
+    from d2ctool.recipe import recipe_yaml
+
+    extra = _fid_overrides(num_ref_images=num_images, resolution=resolution, features=features, mode=mode,
+                           inception_weights=inception_weights, batch_size=batch_size, device=device)
+    recipe_cfg = _recipe(recipe, set_, "fid", extra)
+    result = run_fid_ref(src, out, recipe_cfg.fid, recipe_yaml(recipe_cfg))
+    print(f"fid-ref: statistics of {result.num_images} images, {result.num_kept} kept for precision/recall -> "
+          f"{result.out} ({result.seconds:.1f} s; extractor {result.extractor['name']}, {result.extractor['mode']})")
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from d2ctool.continuous.config import ContinuousConfig
 from d2ctool.data.config import PrepareConfig
 from d2ctool.discrete.config import DiscreteConfig
 from d2ctool.tokenizers.config import EncodeConfig, TokenizersConfig, TokenizerTrainingConfig
+from d2ctool.evaluation.config import FidConfig
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Recipe:
     encode: EncodeConfig = nested(EncodeConfig)
     discrete: DiscreteConfig = nested(DiscreteConfig)
     continuous: ContinuousConfig = nested(ContinuousConfig)
+    fid: FidConfig = nested(FidConfig)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), section: str | None = None) -> Recipe:
@@ -41,7 +43,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), section: str
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe is a mapping of sections (prepare:, ...), got {type(data).__name__}")
+            raise ConfigError(f"{path}: a recipe is a mapping of sections (prepare:, fid:, ...), got {type(data).__name__}")
     data = apply_overrides(data, list(overrides), Recipe, section)
     try:
         return build(Recipe, data)

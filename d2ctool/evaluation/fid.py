@@ -1,0 +1,235 @@
+"""`d2c fid SAMPLES --ref REF`: FID, sFID, Inception Score, precision and recall, the ADM evaluator's way.
+
+Three separate steps: `gather_features` (samples and reference -> features/statistics, through the cache),
+`compute_metrics` (pure math on them), `write_metrics` (metrics.json, atomically). `run_fid` chains them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from d2ctool.config import to_dict
+from d2ctool.errors import UserError
+from d2ctool.evaluation import metrics as M
+from d2ctool.evaluation.cache import FeatureCache, make_cache
+from d2ctool.evaluation.features import RANDOM_LABEL, Extractor, Features, full_float32
+from d2ctool.evaluation.inputs import ImageSet, ReferenceNpz, load_reference_npz, open_images
+from d2ctool.evaluation.reference import cached_reference, extract_features, versions
+from d2ctool.io import sha256_file, write_json
+from d2ctool.progress import info
+
+ADM_NUM_SAMPLES = 50_000
+
+
+@dataclass
+class RefFeatures:
+    """What the metrics need from the reference."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    mu_s: np.ndarray | None
+    sigma_s: np.ndarray | None
+    pool: np.ndarray | None  # features of the reference images for precision/recall
+    info: dict = field(default_factory=dict)
+
+
+def make_extractor(cfg) -> Extractor:
+    return Extractor(cfg.features, cfg.mode, cfg.inception_weights, download=cfg.download,
+                     random_seed=cfg.random_seed, device=cfg.device, batch_size=cfg.batch_size)
+
+
+def stored_stats_usable(meta: dict | None, extractor: Extractor) -> tuple[bool, str]:
+    """Were a reference file's stored statistics made by this extractor? (usable, what made them)"""
+    if meta is None:  # an official ADM reference batch: TensorFlow's Inception graph
+        made_by = "the ADM evaluator's TensorFlow Inception (an official reference batch)"
+        return (extractor.network == "inception" and extractor.mode == "legacy_tensorflow"), made_by
+    theirs = meta.get("extractor", {})
+    made_by = f"{theirs.get('name')} ({theirs.get('mode')}, weights sha256 {str(theirs.get('weights_sha256'))[:12]})"
+    same = all(theirs.get(k) == v for k, v in (("name", extractor.network), ("mode", extractor.mode),
+                                                ("weights_sha256", extractor.weights_sha256)))
+    return same, made_by
+
+
+def _existing_reference(ref_path: str | Path) -> Path:
+    ref_path = Path(ref_path)
+    if not ref_path.exists():
+        raise UserError(f"reference not found: {ref_path} (an ADM reference npz such as "
+                        "VIRTUAL_imagenet256_labeled.npz, a `d2c fid-ref` npz, a shard folder or an image folder)")
+    return ref_path
+
+
+def open_reference(ref_path: str | Path, extractor: Extractor, cfg) -> ReferenceNpz | ImageSet:
+    """Check the reference before any features are computed: an ADM npz, a shard folder or an image folder."""
+    ref_path = _existing_reference(ref_path)
+    if ref_path.is_file():
+        if ref_path.suffix.lower() != ".npz":
+            raise UserError(f"{ref_path}: the reference must be an .npz file, a shard folder or an image folder")
+        ref = load_reference_npz(ref_path)
+        usable, made_by = stored_stats_usable(ref.meta, extractor) if ref.has_stats else (False, "")
+        if not usable and ref.images is None:
+            raise UserError(f"{ref_path}: its mu/sigma were made by {made_by}, not by {extractor.label()}, and it "
+                            "holds no images (arr_0) to compute new ones from; use a reference made with the same "
+                            "extractor (`d2c fid-ref`) or one with images")
+        return ref
+    return open_images(ref_path, crop=cfg.resolution, workers=cfg.workers, what="reference")
+
+
+def reference_features(ref: ReferenceNpz | ImageSet, extractor: Extractor, cfg, cache: FeatureCache) -> RefFeatures:
+    """Statistics and precision/recall features of an opened reference (see open_reference)."""
+    if isinstance(ref, ReferenceNpz):
+        ref_path = ref.path
+        info_ = {"path": str(ref_path), "kind": "npz", "sha256": sha256_file(ref_path),
+                 "d2c_meta": ref.meta is not None}
+        usable, made_by = stored_stats_usable(ref.meta, extractor) if ref.has_stats else (False, "")
+        pool = spatial = None
+        if ref.images is not None:
+            feats, _ = extract_features(ref.images, extractor, cache, "reference images")
+            pool, spatial = feats.pool, feats.spatial
+            info_["images"] = len(ref.images)
+            info_["image_size"] = list(ref.images.image_size())
+        if usable:
+            mu, sigma = ref.stats["mu"], ref.stats["sigma"]
+            mu_s, sigma_s = (ref.stats["mu_s"], ref.stats["sigma_s"]) if ref.has_spatial_stats else (None, None)
+            info_["statistics"] = "stored mu/sigma of the reference file"
+            if ref.meta is not None:
+                info_["statistics_images"] = ref.meta.get("num_images")
+            if mu_s is None and spatial is not None:
+                mu_s, sigma_s = M.feature_stats(spatial)
+        elif pool is not None:
+            if ref.has_stats:
+                info(f"fid: WARNING {ref_path}'s stored mu/sigma were made by {made_by}, not by {extractor.label()}; "
+                     f"using statistics of its {len(pool)} images instead")
+                info_["stored_statistics_ignored"] = f"made by {made_by}"
+            mu, sigma = M.feature_stats(pool)
+            mu_s, sigma_s = M.feature_stats(spatial)
+            info_["statistics"] = f"computed from the reference file's {len(pool)} images (arr_0)"
+            info_["statistics_images"] = len(pool)
+        else:  # excluded by open_reference
+            raise AssertionError("reference without usable statistics or images")
+        return RefFeatures(mu, sigma, mu_s, sigma_s, pool, info_)
+
+    images = ref
+    ref, _ = cached_reference(images, extractor, cache, cfg.num_ref_images, cfg.seed)
+    info_ = {**images.describe(), "content_sha256": images.content_sha256(),
+             "statistics": f"computed from all {ref.num_images} images (ADM center crop {cfg.resolution})",
+             "statistics_images": ref.num_images, "images": len(ref.kept), "kept_seed": cfg.seed,
+             "image_size": [cfg.resolution, cfg.resolution]}
+    return RefFeatures(ref.mu, ref.sigma, ref.mu_s, ref.sigma_s, ref.kept_features.pool, info_)
+
+
+def compute_metrics(samples: Features, ref: RefFeatures, *, is_split_size: int = 5000, k: int = 3,
+                    pr_batch_size: int = 10000, device="cpu") -> dict:
+    """The numbers, from features alone."""
+    if len(samples) < 2:
+        raise UserError(f"FID needs at least 2 samples, got {len(samples)}")
+    out = {"fid": M.frechet_distance_to(samples.pool, ref.mu, ref.sigma, device)}
+    if ref.mu_s is not None:
+        out["sfid"] = M.frechet_distance_to(samples.spatial, ref.mu_s, ref.sigma_s, device)
+    else:
+        out["sfid"] = None
+    out["inception_score"] = M.inception_score(samples.logits, is_split_size)
+    if ref.pool is not None and len(ref.pool) > k and len(samples) > k:
+        out["precision"], out["recall"] = M.precision_recall(ref.pool, samples.pool, k, pr_batch_size, device)
+    else:
+        out["precision"] = out["recall"] = None
+    return out
+
+
+def default_out(samples: str | Path) -> Path:
+    """metrics.json beside the samples (in the folder holding the sample folder or npz)."""
+    samples = Path(samples)
+    return samples.resolve().parent / "metrics.json"
+
+
+def write_metrics(path: str | Path, metrics: dict) -> None:
+    write_json(path, metrics)
+
+
+@dataclass
+class FidResult:
+    metrics: dict
+    out: Path
+
+
+def run_fid(samples_path: str | Path, ref_path: str | Path, cfg, out: str | Path | None = None) -> FidResult:
+    """Everything `d2c fid` does; nothing is written until every number is computed."""
+    start = time.perf_counter()
+    out = Path(out) if out is not None else default_out(samples_path)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the metrics file's path, e.g. {out / 'metrics.json'}")
+    if not out.parent.exists():
+        raise UserError(f"--out: folder not found: {out.parent} (create it first)")
+    samples: ImageSet = open_images(samples_path, workers=cfg.workers, what="samples")
+    _existing_reference(ref_path)  # before the weights: the cheapest mistakes first
+    extractor = make_extractor(cfg)
+    reference = open_reference(ref_path, extractor, cfg)
+    if extractor.random:
+        info(f"fid: WARNING {RANDOM_LABEL}")
+    cache = make_cache(cfg)
+    sample_feats, _ = extract_features(samples, extractor, cache, "samples")
+    ref = reference_features(reference, extractor, cfg, cache)
+    with full_float32():
+        values = compute_metrics(sample_feats, ref, is_split_size=cfg.is_split_size, k=cfg.pr_k,
+                                 pr_batch_size=cfg.pr_batch_size, device=extractor.device)
+
+    notes = []
+    if len(samples) != ADM_NUM_SAMPLES:
+        notes.append(f"{len(samples)} samples; the papers' protocol uses {ADM_NUM_SAMPLES:,} class-balanced samples "
+                     "(FID is biased upward with fewer)")
+    ref_size = ref.info.get("image_size")
+    if ref_size and list(samples.image_size()) != list(ref_size):
+        notes.append(f"samples are {samples.image_size()[0]}x{samples.image_size()[1]} but reference images are "
+                     f"{ref_size[0]}x{ref_size[1]}")
+    if values["precision"] is None:
+        notes.append("precision/recall not computed: the reference has no images (arr_0) or a set has <= "
+                     f"{cfg.pr_k} images")
+    if values["sfid"] is None:
+        notes.append("sFID not computed: the reference has no spatial statistics (mu_s/sigma_s) nor images")
+
+    metrics = {**({"WARNING": RANDOM_LABEL} if extractor.random else {}),
+               **values,
+               "num_samples": len(samples),
+               "num_reference_images": None if ref.pool is None else len(ref.pool),
+               "num_reference_statistics_images": ref.info.get("statistics_images"),
+               "extractor": extractor.describe(),
+               "samples": {**samples.describe(), "content_sha256": samples.content_sha256(),
+                           "image_size": list(samples.image_size())},
+               "reference": ref.info,
+               "notes": notes,
+               "settings": to_dict(cfg),
+               "device": str(extractor.device),
+               "versions": versions(),
+               "seconds": round(time.perf_counter() - start, 2),
+               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    write_metrics(out, metrics)
+    return FidResult(metrics, out)
+
+
+def format_table(metrics: dict) -> str:
+    """The printed summary."""
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    ext = metrics["extractor"]
+    rows = [("FID", num(metrics["fid"], ".4f")), ("sFID", num(metrics["sfid"], ".4f")),
+            ("Inception Score", num(metrics["inception_score"], ".4f")),
+            ("Precision", num(metrics["precision"], ".4f")), ("Recall", num(metrics["recall"], ".4f")),
+            ("samples", str(metrics["num_samples"])),
+            ("reference images (P/R)", num(metrics["num_reference_images"], "d")),
+            ("reference statistics over", num(metrics["num_reference_statistics_images"], "d"))]
+    width = max(len(r[0]) for r in rows)
+    lines = []
+    if "WARNING" in metrics:
+        lines.append(f"!! {metrics['WARNING']}")
+    lines.append(f"extractor: {ext['name']} ({ext['mode']}), weights sha256 {ext['weights_sha256'][:16]}"
+                 + (" [RANDOM WEIGHTS]" if ext["name"] == "inception-random" else ""))
+    lines.append(f"samples:   {metrics['samples']['path']}")
+    lines.append(f"reference: {metrics['reference']['path']} ({metrics['reference']['statistics']})")
+    lines += [f"  {name:<{width}}  {value:>12}" for name, value in rows]
+    lines += [f"note: {n}" for n in metrics["notes"]]
+    return "\n".join(lines)
