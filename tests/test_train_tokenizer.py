@@ -23,18 +23,20 @@ def test_psnr_and_blur_baseline_definitions():
 
 def train(kind, tiny_data, out, *extra):
     return run_d2c("train-tokenizer", kind, tiny_data / "shards", out, "--set", "resolution=16",
-                   "--set", "train.steps=150", "--set", "train.global_batch_size=16", "--set", "train.base_lr=0.032",
+                   "--set", "train.steps=400", "--set", "train.global_batch_size=16", "--set", "train.base_lr=0.032",
                    "--set", "train.warmup_steps=10", "--set", "train.ema_decay=0", "--set", "train.num_workers=0",
                    "--set", "train.log_every=25", "--set", "train.sample_every=0", "--set", "train.weight_decay=0",
                    "--set", "val_images=40", *extra, check=True)
 
 
-def test_vq_learns_and_uses_most_of_its_codebook(tiny_data, tmp_path):
+def test_vq_beats_the_blur_baseline_and_uses_most_of_its_codebook(tiny_data, tmp_path):
     out = tmp_path / "vq"
     proc = train("vq", tiny_data, out, "--set", "codebook_size=32", "--set", "dead_code_steps=10")
     report = json.loads((out / "report.json").read_text())
     assert "codebook usage" in proc.stdout and report["codebook_size"] == 32
     assert report["codebook_usage"] > 0.75
+    # one colour per token cell, interpolated: 3 exact floats per cell against the code's 5 bits
+    assert report["psnr_db"] > report["blur_baseline_psnr_db"] + 1.0, report
     losses = [json.loads(l)["l2"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.5 * losses[0]
     model, info = load_tokenizer("vq", "ignored", str(out / "tokenizer.pt"))
