@@ -153,6 +153,30 @@ def train_continuous(recipe: RecipeOption = None, set_: SetOption = None):
     _report_training("train-continuous", result)
 
 
+@app.command(epilog="Examples:\n\n  d2c sample runs/tiny/samples --recipe recipes/tiny.yaml\n\n"
+                    "  torchrun --nproc_per_node 8 -m d2ctool sample out/d2c-b --recipe my.yaml "
+                    "--set sample.num_images=50000 --set sample.mode=two-stage")
+def sample(
+    out: Annotated[Path, typer.Argument(help="Output folder: images/, samples.npz, grid.png (created; resumable).")],
+    recipe: RecipeOption = None,
+    set_: SetOption = None,
+):
+    """Generate images: two-stage (the method), discrete-only, continuous-only or oracle-codes."""
+    from d2ctool.distributed import rank_and_world
+    from d2ctool.recipe import recipe_yaml
+    from d2ctool.sampling.run import sample as run
+
+    recipe_cfg = _recipe(recipe, set_, "sample")
+    result = run(recipe_cfg.sample, recipe_cfg.tokenizers, out, recipe_yaml(recipe_cfg))
+    if rank_and_world()[0] != 0:
+        return
+    if result.already_complete:
+        print(f"sample: {out} is already complete ({result.num_images} images); nothing to do")
+        return
+    split = ", ".join(f"{k} {v:.1f} s" for k, v in (result.timings or {}).items())
+    print(f"sample: {result.num_images} images -> {out} ({result.images_per_second:.2f} images/s on this rank; {split})")
+
+
 def _report_training(command: str, result) -> None:
     from d2ctool.distributed import rank_and_world
 

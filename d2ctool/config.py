@@ -162,8 +162,8 @@ def _field_type(cls, parts: list[str]):
 def parse_override(text: str, root_cls, default_section: str | None = None) -> tuple[list[str], Any]:
     """Parse `dotted.key=value` into (path, raw value) against the schema of `root_cls`.
 
-    A key may be written from the recipe's root (`prepare.shard_size=10`) or, for the running
-    command, relative to its section (`shard_size=10`). String fields take the text verbatim
+    A key may be written relative to the running command's section (`shard_size=10`), which is tried
+    first, or from the recipe's root (`prepare.shard_size=10`). String fields take the text verbatim
     (`name=007` stays "007"); other fields parse it as YAML and are type-checked on build.
     """
     if "=" not in text:
@@ -171,11 +171,13 @@ def parse_override(text: str, root_cls, default_section: str | None = None) -> t
     key, raw = text.split("=", 1)
     key = key.strip()
     parts = key.split(".")
-    tp = _field_type(root_cls, parts)
-    if tp is None and default_section is not None:
+    tp = None
+    if default_section is not None:  # the running command's section first: `sample` has a key `discrete`
         tp = _field_type(root_cls, [default_section] + parts)
         if tp is not None:
             parts = [default_section] + parts
+    if tp is None:
+        tp = _field_type(root_cls, parts)
     if tp is None:
         raise _unknown_key(key, valid_keys(root_cls), "--set: ")
     if dataclasses.is_dataclass(tp):

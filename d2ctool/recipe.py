@@ -13,6 +13,7 @@ from d2ctool.data.config import PrepareConfig
 from d2ctool.discrete.config import DiscreteConfig
 from d2ctool.tokenizers.config import EncodeConfig, TokenizersConfig, TokenizerTrainingConfig
 from d2ctool.evaluation.config import FidConfig
+from d2ctool.sampling.config import SampleConfig
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Recipe:
     encode: EncodeConfig = nested(EncodeConfig)
     discrete: DiscreteConfig = nested(DiscreteConfig)
     continuous: ContinuousConfig = nested(ContinuousConfig)
+    sample: SampleConfig = nested(SampleConfig)
     fid: FidConfig = nested(FidConfig)
 
 

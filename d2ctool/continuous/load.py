@@ -20,6 +20,7 @@ from d2ctool.continuous.config import MARConfig
 from d2ctool.continuous.model import MAR
 from d2ctool.errors import UserError
 from d2ctool.io import atomic_path, sha256_file
+from d2ctool.training.trainer import CHECKPOINT_FORMAT, run_checkpoint
 
 _TINY = dict(latent_channels=4, latent_size=8, buffer_size=4, encoder_dim=64, encoder_depth=2, encoder_heads=4,
              decoder_dim=64, decoder_depth=2, decoder_heads=4, attn_dropout=0.0, proj_dropout=0.0,
@@ -85,20 +86,30 @@ def _weights(obj: dict, checkpoint) -> tuple[dict, str]:
     return unwrap(obj, OFFICIAL_KEYS, checkpoint)
 
 
-def load_mar(preset: str, checkpoint: str | Path | None, overrides: dict | None = None) -> tuple[MAR, MARInfo]:
+def load_mar(preset: str, checkpoint: str | Path | None, overrides: dict | None = None,
+             use_ema: bool = True) -> tuple[MAR, MARInfo]:
     """The model with its weights (CPU, eval mode) and a record of what was loaded. Our own checkpoints
     carry their config (the preset is ignored); official ones are read with the preset's architecture.
     `overrides` change config fields that leave the state dict alone (e.g. num_sampling_steps)."""
     if checkpoint is None:
         raise UserError(f"no MAR checkpoint given: pass MAR's mar_base/large/huge.pth (with preset mar-b/l/h) or "
                         f"a checkpoint of our own (preset given: {preset})")
+    checkpoint = run_checkpoint(checkpoint)
     obj = load_file(checkpoint)
-    if obj.get("format") == OWN_FORMAT:
-        cfg = config_from_dict({**obj["config"], **(overrides or {})}, str(checkpoint))
-        name = obj.get("name", "custom")
+    if obj.get("format") == CHECKPOINT_FORMAT:  # a `d2c train-continuous` run
+        if obj.get("task") != "train-continuous":
+            raise UserError(f"{checkpoint} is a `d2c {obj.get('task')}` checkpoint, not a stage-2 (train-continuous) one")
+        cfg = config_from_dict({**obj["model_config"], **(overrides or {})}, str(checkpoint))
+        name = "train-continuous"
+        weights = "ema" if use_ema and obj.get("ema") else "model"
+        state_dict = obj[weights]
     else:
-        cfg, name = preset_config(preset, overrides), preset
-    state_dict, weights = _weights(obj, checkpoint)
+        if obj.get("format") == OWN_FORMAT:
+            cfg = config_from_dict({**obj["config"], **(overrides or {})}, str(checkpoint))
+            name = obj.get("name", "custom")
+        else:
+            cfg, name = preset_config(preset, overrides), preset
+        state_dict, weights = _weights(obj, checkpoint)
     model = build_mar(cfg)
     hint = (" (a fused model starts from a plain MAR checkpoint with init_from_checkpoint)"
             if cfg.fusion != "none" else "")

@@ -10,16 +10,10 @@ from d2ctool.config import build
 from d2ctool.discrete.config import GPTConfig
 from d2ctool.discrete.model import GPT
 from d2ctool.errors import UserError
-from d2ctool.training.trainer import CHECKPOINT_FORMAT
+from d2ctool.training.trainer import CHECKPOINT_FORMAT, run_checkpoint
 
 # LlamaGen's sampler reads "model", also a raw state dict, "module" or "state_dict"
 OFFICIAL_KEYS = ("model", "module", "state_dict")
-
-
-def run_checkpoint(path: str | Path) -> Path:
-    """A run folder means its checkpoints/last.pt."""
-    path = Path(path)
-    return path / "checkpoints" / "last.pt" if path.is_dir() else path
 
 
 def load_gpt(path: str | Path, cfg: GPTConfig | None = None, use_ema: bool = True) -> tuple[GPT, dict]:

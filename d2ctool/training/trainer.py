@@ -121,6 +121,12 @@ def _gather(obj, world: int) -> list:
     return out
 
 
+def run_checkpoint(path: str | Path) -> Path:
+    """A run folder stands for its checkpoints/last.pt; a file is itself."""
+    path = Path(path)
+    return path / "checkpoints" / "last.pt" if path.is_dir() else path
+
+
 def load_checkpoint(path: Path) -> dict:
     from d2ctool.checkpoints import load_file
 

@@ -1,0 +1,193 @@
+"""The generation chain of each sampling mode, its compatibility checks, and one batch of images.
+
+two-stage        labels -> stage-1 codes (KV-cache GPT) -> stage-2 latents conditioned on them -> KL decode
+discrete-only    labels -> stage-1 codes -> VQ decode                       (the LlamaGen baseline)
+continuous-only  labels -> stage-2 latents, fusion none -> KL decode        (the MAR baseline)
+oracle-codes     real images' codes and labels -> stage-2 latents -> KL decode  (stage 2's upper bound)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from d2ctool.continuous.load import load_mar
+from d2ctool.continuous.sample import sample_latents
+from d2ctool.data.reader import ShardReader
+from d2ctool.discrete.config import preset as gpt_preset
+from d2ctool.discrete.generate import generate
+from d2ctool.discrete.load import data_config, load_gpt
+from d2ctool.errors import UserError
+from d2ctool.sampling.config import SampleConfig
+from d2ctool.tokenizers.config import TokenizersConfig
+from d2ctool.tokenizers.load import load_tokenizer
+from d2ctool.training.trainer import CHECKPOINT_FORMAT, run_checkpoint
+from d2ctool.visual import to_uint8
+
+
+@dataclass
+class Chain:
+    cfg: SampleConfig
+    device: torch.device
+    num_classes: int
+    gpt: torch.nn.Module | None = None
+    mar: torch.nn.Module | None = None
+    vq: torch.nn.Module | None = None
+    kl: torch.nn.Module | None = None
+    oracle: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes [N, L], labels [N]) of real images
+    loaded: dict = field(default_factory=dict)  # what was loaded, for the manifest
+
+    @property
+    def uses_stage1(self) -> bool:
+        return self.cfg.mode in ("two-stage", "discrete-only")
+
+    @property
+    def uses_stage2(self) -> bool:
+        return self.cfg.mode != "discrete-only"
+
+
+def _require(value, what: str, mode: str):
+    if value is None:
+        raise UserError(f"sample mode {mode} needs {what}")
+    return value
+
+
+def _is_our_run(path: str) -> bool:
+    from d2ctool.checkpoints import load_file
+
+    return load_file(run_checkpoint(path)).get("format") == CHECKPOINT_FORMAT
+
+
+def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.device) -> Chain:
+    """Load what the mode needs and check that the pieces fit together, before any sampling."""
+    mode = cfg.mode
+    vq = kl = gpt = mar = None
+    loaded = {}
+    if mode in ("two-stage", "discrete-only"):
+        vq, info = load_tokenizer("vq", tokenizers.vq.preset, tokenizers.vq.checkpoint)
+        loaded["vq"] = info.record()
+    if mode != "discrete-only":
+        kl, info = load_tokenizer("kl", tokenizers.kl.preset, tokenizers.kl.checkpoint)
+        loaded["kl"] = info.record()
+    if mode in ("two-stage", "discrete-only"):
+        path = _require(cfg.discrete, "sample.discrete (a train-discrete run or LlamaGen's c2i_*.pt)", mode)
+        official = None
+        if not _is_our_run(path):
+            grid = cfg.image_size // vq.stride
+            official = data_config(gpt_preset(cfg.discrete_preset), vq.cfg.codebook_size, grid, 1000)
+        gpt, info = load_gpt(path, official, use_ema=cfg.use_ema)
+        loaded["stage1"] = {**info, "config": dataclasses.asdict(gpt.cfg)}
+        if gpt.cfg.vocab_size != vq.cfg.codebook_size:
+            raise UserError(f"the stage-1 model's vocabulary ({gpt.cfg.vocab_size}) differs from the VQ tokenizer's "
+                            f"codebook ({vq.cfg.codebook_size}): give the tokenizer it was trained with")
+    if mode != "discrete-only":
+        path = _require(cfg.continuous, "sample.continuous (a train-continuous run or MAR's mar_*.pth)", mode)
+        mar, info = load_mar(cfg.continuous_preset, path, {"num_sampling_steps": cfg.stage2.num_sampling_steps},
+                             use_ema=cfg.use_ema)
+        loaded["stage2"] = info.record()
+        fused = mar.cfg.fusion != "none"
+        if mode == "continuous-only" and fused:
+            raise UserError(f"mode continuous-only needs a stage-2 model with fusion none (the MAR baseline); this one "
+                            f"uses fusion {mar.cfg.fusion} and needs codes: use mode two-stage or oracle-codes")
+        if mode in ("two-stage", "oracle-codes") and not fused:
+            raise UserError(f"mode {mode} conditions stage 2 on discrete codes, but this stage-2 model has fusion "
+                            "none: use mode continuous-only for it, or a model trained with a fusion")
+        if mar.cfg.latent_channels != kl.cfg.embed_dim:
+            raise UserError(f"the stage-2 model makes {mar.cfg.latent_channels}-channel latents but the KL tokenizer "
+                            f"decodes {kl.cfg.embed_dim}: give the tokenizer it was trained with")
+    if mode == "two-stage":
+        if (gpt.cfg.vocab_size, gpt.cfg.grid) != (mar.cfg.code_vocab, mar.cfg.code_size):
+            raise UserError(f"stage 1 makes {gpt.cfg.grid}x{gpt.cfg.grid} codes of {gpt.cfg.vocab_size}, but stage 2 "
+                            f"was trained on {mar.cfg.code_size}x{mar.cfg.code_size} codes of {mar.cfg.code_vocab}")
+        if gpt.cfg.num_classes != mar.cfg.num_classes:
+            raise UserError(f"stage 1 knows {gpt.cfg.num_classes} classes, stage 2 {mar.cfg.num_classes}")
+        if vq.stride != kl.stride:
+            raise UserError(f"the tokenizers' grids differ: VQ stride {vq.stride}, KL stride {kl.stride}")
+    oracle = None
+    if mode == "oracle-codes":
+        oracle = _oracle_codes(_require(cfg.oracle_data, "sample.oracle_data (encoded shards)", mode), mar, cfg.num_images)
+    num_classes = gpt.cfg.num_classes if gpt is not None else mar.cfg.num_classes
+    for model in (gpt, mar, vq, kl):
+        if model is not None:
+            model.to(device).eval()
+    return Chain(cfg, device, num_classes, gpt, mar, vq, kl, oracle, loaded)
+
+
+def _oracle_codes(data: str, mar, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    reader = ShardReader(data, 0, 1, manifest_kind="d2c-encoded-shards")
+    vq = reader.manifest["tokenizers"]["vq"]
+    if (vq["codebook_size"], reader.manifest["grid"][0]) != (mar.cfg.code_vocab, mar.cfg.code_size):
+        raise UserError(f"{data} holds {reader.manifest['grid'][0]}x{reader.manifest['grid'][0]} codes of "
+                        f"{vq['codebook_size']}, but stage 2 was trained on {mar.cfg.code_size}x{mar.cfg.code_size} "
+                        f"codes of {mar.cfg.code_vocab}")
+    if len(reader) < count:
+        raise UserError(f"oracle-codes: {data} holds {len(reader)} images, fewer than sample.num_images {count}")
+    codes, labels = [], []
+    for _, members in reader.raw():
+        codes.append(np.load(io.BytesIO(members["codes.npy"]), allow_pickle=False)[0].astype(np.int64))
+        labels.append(int(members["cls"]))
+        if len(codes) == count:
+            break
+    return torch.from_numpy(np.stack(codes)), torch.tensor(labels)
+
+
+def make_labels(cfg: SampleConfig, num_classes: int, chain: Chain | None = None) -> np.ndarray:
+    """Class-balanced labels (image i gets class i mod C), an explicit class list cycled, or the oracle's."""
+    if chain is not None and chain.oracle is not None:
+        return chain.oracle[1].numpy()
+    if cfg.classes:
+        bad = [c for c in cfg.classes if not 0 <= c < num_classes]
+        if bad:
+            raise UserError(f"sample.classes: {bad} outside the model's {num_classes} classes")
+        return np.resize(np.asarray(cfg.classes, dtype=np.int64), cfg.num_images)
+    if cfg.num_images % num_classes:
+        low = cfg.num_images // num_classes * num_classes
+        options = [n for n in (low, low + num_classes) if n > 0]
+        raise UserError(f"sample.num_images {cfg.num_images} is not a multiple of the {num_classes} classes, so the "
+                        f"labels cannot be class-balanced; use {' or '.join(map(str, options))} (or sample.classes)")
+    return np.arange(cfg.num_images, dtype=np.int64) % num_classes
+
+
+def batch_seed(seed: int, start: int) -> int:
+    """The seed of the batch that starts at global image index `start`."""
+    return int(np.random.SeedSequence([seed, start]).generate_state(1)[0])
+
+
+@torch.no_grad()
+def generate_batch(chain: Chain, labels: np.ndarray, start: int, timings: dict) -> np.ndarray:
+    """uint8 images [B, H, W, 3] for the images start .. start+len(labels)-1."""
+    cfg, device = chain.cfg, chain.device
+    generator = torch.Generator(device).manual_seed(batch_seed(cfg.seed, start))
+    y = torch.from_numpy(labels).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" and cfg.precision == "bf16" \
+        else nullcontext()
+    with autocast:
+        t0 = time.perf_counter()
+        codes = None
+        if chain.uses_stage1:
+            codes = generate(chain.gpt, y, cfg.stage1, generator)
+        elif chain.oracle is not None:
+            codes = chain.oracle[0][start:start + len(labels)].to(device)
+        t1 = time.perf_counter()
+        if chain.uses_stage2:
+            s = cfg.stage2
+            latents = sample_latents(chain.mar, y, codes if chain.mar.cfg.fusion != "none" else None,
+                                     num_iter=min(s.num_iter, chain.mar.cfg.seq_len), cfg=s.cfg_scale,
+                                     cfg_schedule=s.cfg_schedule, temperature=s.temperature, generator=generator)
+        t2 = time.perf_counter()
+        if chain.uses_stage2:
+            images = chain.kl.decode_latents(latents)
+        else:
+            g = chain.gpt.cfg.grid
+            images = chain.vq.decode_codes(codes.view(-1, g, g))
+        pixels = to_uint8(images.float())
+        t3 = time.perf_counter()
+    for key, seconds in (("stage1", t1 - t0), ("stage2", t2 - t1), ("decode", t3 - t2)):
+        timings[key] = timings.get(key, 0.0) + seconds
+    return pixels

@@ -1,0 +1,34 @@
+"""Recipe section `sample`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from d2ctool.config import bounded, nested
+from d2ctool.continuous.config import ContinuousSamplingConfig
+from d2ctool.discrete.config import SamplingConfig
+
+MODES = ("two-stage", "discrete-only", "continuous-only", "oracle-codes")
+
+
+@dataclass
+class SampleConfig:
+    mode: Literal["two-stage", "discrete-only", "continuous-only", "oracle-codes"] = "two-stage"
+    discrete: str | None = None  # stage 1: a train-discrete run folder, or LlamaGen's c2i_*_256.pt
+    discrete_preset: str = "gpt-b"  # architecture of an official stage-1 file
+    continuous: str | None = None  # stage 2: a train-continuous run folder, our checkpoint, or MAR's mar_*.pth
+    continuous_preset: str = "mar-b"  # architecture of an official stage-2 file
+    oracle_data: str | None = None  # oracle-codes: encoded shards whose real codes condition stage 2
+    image_size: int = bounded(256, min=8)  # official stage-1 files: token grid = image_size / VQ stride
+    num_images: int = bounded(50_000, min=1)
+    classes: list[int] | None = None  # explicit labels, cycled; default: class-balanced over all classes
+    batch_size: int = bounded(64, min=1)  # fixed per run: a batch's seed comes from its first image's index
+    seed: int = 0
+    use_ema: bool = True
+    precision: Literal["bf16", "fp32"] = "bf16"  # autocast on GPU; the CPU always runs fp32
+    device: str | None = None
+    grid_classes: int = bounded(8, min=1)  # grid.png: this many classes (rows) ...
+    grid_per_class: int = bounded(8, min=1)  # ... by this many samples
+    stage1: SamplingConfig = nested(SamplingConfig)
+    stage2: ContinuousSamplingConfig = nested(ContinuousSamplingConfig)
