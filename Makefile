@@ -28,6 +28,13 @@ reproduce: install
 	$(D2C) train-tokenizer kl $(RUN)/shards $(RUN)/kl --recipe $(RECIPE) --set tokenizer_training.val=$(RUN)/val
 	$(D2C) encode $(RUN)/shards $(RUN)/encoded --recipe $(RECIPE)
 	$(D2C) train-discrete --recipe $(RECIPE)
+	$(D2C) train-continuous --recipe $(RECIPE)
+	$(D2C) sample $(RUN)/samples --recipe $(RECIPE)
+	$(D2C) sample $(RUN)/samples-discrete-only --recipe $(RECIPE) --set sample.mode=discrete-only
+	$(D2C) fid-ref $(RUN)/val $(RUN)/val-ref.npz --recipe $(RECIPE)
+	$(D2C) fid $(RUN)/samples/samples.npz --ref $(RUN)/val-ref.npz --recipe $(RECIPE)
+	$(D2C) fid $(RUN)/samples-discrete-only/samples.npz --ref $(RUN)/val-ref.npz --recipe $(RECIPE)
+	@echo "tiny recipe done: grids in $(RUN)/*/grids and $(RUN)/samples*/grid.png, metrics in $(RUN)/samples*/metrics.json"
 
 bench: install
 	$(BIN)/python bench/prepare.py

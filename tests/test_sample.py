@@ -1,0 +1,138 @@
+"""`d2c sample`: every mode, byte-identical resume, rank independence, clear errors before sampling."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from d2ctool.config import to_dict
+from d2ctool.continuous.train import train_continuous
+from d2ctool.discrete.train import train_discrete
+from d2ctool.errors import UserError
+from d2ctool.recipe import load_recipe, recipe_yaml
+from d2ctool.sampling.run import sample
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_data):
+    """A stage-1 run, a fused (add) stage-2 run and a plain (none) stage-2 run, two steps each."""
+    common = ["train.global_batch_size=8", "train.steps=2", "train.num_workers=0", "train.sample_every=0"]
+    recipe = load_recipe(None, [f"discrete.data={tiny_data / 'encoded'}", f"discrete.out={tiny_data / 'gpt'}",
+                                "discrete.model=gpt-tiny", "discrete.sampling.top_k=0", "discrete.grid_classes=1",
+                                *[f"discrete.{c}" for c in common]])
+    train_discrete(recipe.discrete, to_dict(recipe.discrete), recipe_yaml(recipe))
+    for fusion in ("add", "none"):
+        recipe = load_recipe(None, [f"continuous.data={tiny_data / 'encoded'}", f"continuous.out={tiny_data / fusion}",
+                                    "continuous.model=mar-tiny", f"continuous.fusion={fusion}",
+                                    "continuous.sampling.num_iter=2", "continuous.sampling.num_sampling_steps=4",
+                                    "continuous.grid_samples=1", *[f"continuous.{c}" for c in common]])
+        train_continuous(recipe.continuous, to_dict(recipe.continuous), recipe_yaml(recipe))
+    return tiny_data
+
+
+def overrides(root, mode="two-stage", *extra):
+    return [f"tokenizers.vq.checkpoint={root / 'vq-tiny-s4.pt'}", f"tokenizers.kl.checkpoint={root / 'kl-tiny-s4.pt'}",
+            f"sample.mode={mode}", f"sample.discrete={root / 'gpt'}",
+            f"sample.continuous={root / ('none' if mode == 'continuous-only' else 'add')}",
+            f"sample.oracle_data={root / 'encoded'}", "sample.num_images=20", "sample.batch_size=8",
+            "sample.stage1.top_k=0", "sample.stage2.num_iter=3", "sample.stage2.num_sampling_steps=4",
+            "sample.grid_classes=3", "sample.grid_per_class=2", *extra]
+
+
+def run(root, out, mode="two-stage", *extra):
+    recipe = load_recipe(None, overrides(root, mode, *extra), "sample")
+    return sample(recipe.sample, recipe.tokenizers, out, recipe_yaml(recipe))
+
+
+@pytest.mark.parametrize("mode", ["two-stage", "discrete-only", "continuous-only", "oracle-codes"])
+def test_every_mode_writes_pngs_npz_and_grid(tiny_models, tmp_path, mode):
+    out = tmp_path / mode
+    result = run(tiny_models, out, mode)
+    assert result.num_images == 20 and set(result.timings) == {"stage1", "stage2", "decode"}
+    npz = np.load(out / "samples.npz")
+    assert npz["arr_0"].shape == (20, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
+    for i in (0, 7, 19):
+        assert np.array_equal(np.asarray(Image.open(out / "images" / f"{i:06d}.png")), npz["arr_0"][i])
+    if mode == "oracle-codes":  # the real images' labels, in data order
+        assert len(npz["labels"]) == 20
+    else:  # class-balanced: image i has class i mod 10
+        assert npz["labels"].tolist() == [i % 10 for i in range(20)]
+    assert Image.open(out / "grid.png").size[0] > 2 * 32
+    assert (out / "config.yaml").is_file() and (out / "manifest.json").is_file()
+    assert run(tiny_models, out, mode).already_complete
+
+
+_KILL = """
+import os
+import d2ctool.sampling.run as run
+from d2ctool.recipe import load_recipe, recipe_yaml
+real, calls = run.generate_batch, []
+def dying(chain, labels, start, timings):
+    calls.append(start)
+    if len(calls) == 2:
+        images = real(chain, labels, start, timings)
+        run.write_bytes(run.image_path(chain_out, start), run._png(images[0]))  # half a batch on disk
+        os._exit(9)
+    return real(chain, labels, start, timings)
+run.generate_batch = dying
+recipe = load_recipe(None, {overrides!r}, "sample")
+chain_out = __import__("pathlib").Path({out!r})
+run.sample(recipe.sample, recipe.tokenizers, chain_out, recipe_yaml(recipe))
+"""
+
+
+def test_killed_and_resumed_run_gives_a_byte_identical_npz(tiny_models, tmp_path):
+    run(tiny_models, tmp_path / "whole")
+    killed = tmp_path / "killed"
+    code = _KILL.format(overrides=overrides(tiny_models), out=str(killed))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert not (killed / "samples.npz").exists()
+    result = run(tiny_models, killed)
+    assert result.generated == 12  # batches 1 and 2 (the killed one and the one never started)
+    assert (killed / "samples.npz").read_bytes() == (tmp_path / "whole" / "samples.npz").read_bytes()
+
+
+def test_two_ranks_equal_one_rank(tiny_models, tmp_path):
+    args = [a for o in overrides(tiny_models) for a in ("--set", o)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's per-process default: same float reductions
+    one = subprocess.run([sys.executable, "-m", "d2ctool", "sample", str(tmp_path / "one"), *args], cwd=REPO,
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29741", "-m", "d2ctool", "sample", str(tmp_path / "two"), *args], cwd=REPO,
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("sample: 20 images") == 1
+    assert (tmp_path / "one" / "samples.npz").read_bytes() == (tmp_path / "two" / "samples.npz").read_bytes()
+
+
+def test_wrong_combinations_fail_before_sampling(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="fusion none: use mode continuous-only"):
+        run(tiny_models, out, "two-stage", f"sample.continuous={tiny_models / 'none'}")
+    with pytest.raises(UserError, match="uses fusion add and needs codes"):
+        run(tiny_models, out, "continuous-only", f"sample.continuous={tiny_models / 'add'}")
+    with pytest.raises(UserError, match="tokenizers' grids differ: VQ stride 8, KL stride 4"):
+        run(tiny_models, out, "two-stage", f"tokenizers.vq.checkpoint={tiny_models / 'vq-tiny-s8.pt'}")
+    from d2ctool.tokenizers.load import build_tokenizer, preset_config, save_tokenizer
+
+    small_codebook = preset_config("vq", "vq-tiny-s4")
+    small_codebook.codebook_size = 256
+    save_tokenizer(tmp_path / "vq256.pt", build_tokenizer("vq", small_codebook), "vq")
+    with pytest.raises(UserError, match=r"vocabulary \(512\) differs from the VQ tokenizer's codebook \(256\)"):
+        run(tiny_models, out, "discrete-only", f"tokenizers.vq.checkpoint={tmp_path / 'vq256.pt'}")
+    with pytest.raises(UserError, match="latents but the KL tokenizer"):
+        cfg = preset_config("kl", "kl-tiny-s4")
+        cfg.embed_dim = 8
+        save_tokenizer(tmp_path / "kl8.pt", build_tokenizer("kl", cfg), "kl")
+        run(tiny_models, out, "two-stage", f"tokenizers.kl.checkpoint={tmp_path / 'kl8.pt'}")
+    with pytest.raises(UserError, match="not a multiple of the 10 classes.*use 20 or 30"):
+        run(tiny_models, out, "two-stage", "sample.num_images=25")
+    assert not out.exists()
