@@ -130,13 +130,9 @@ def train_tokenizer(
                     "--set discrete.model=gpt-b --set discrete.train.global_batch_size=256")
 def train_discrete(recipe: RecipeOption = None, set_: SetOption = None):
     """Train the stage-1 GPT (LlamaGen) on encoded shards (discrete.data) into a run folder (discrete.out)."""
-    from d2ctool.config import to_dict
     from d2ctool.discrete.train import train_discrete as run
-    from d2ctool.recipe import recipe_yaml
 
-    recipe_cfg = _recipe(recipe, set_, "discrete")
-    result = run(recipe_cfg.discrete, to_dict(recipe_cfg.discrete), recipe_yaml(recipe_cfg))
-    _report_training("train-discrete", result)
+    _train_stage("train-discrete", "discrete", run, recipe, set_)
 
 
 @app.command("train-continuous", epilog="Examples:\n\n  d2c train-continuous --recipe recipes/tiny.yaml\n\n"
@@ -144,13 +140,18 @@ def train_discrete(recipe: RecipeOption = None, set_: SetOption = None):
                     "--set continuous.model=mar-b --set continuous.fusion=add --set continuous.init=mar_base.pth")
 def train_continuous(recipe: RecipeOption = None, set_: SetOption = None):
     """Train the stage-2 masked AR model (MAR + diffusion head) conditioned on discrete codes."""
-    from d2ctool.config import to_dict
     from d2ctool.continuous.train import train_continuous as run
+
+    _train_stage("train-continuous", "continuous", run, recipe, set_)
+
+
+def _train_stage(command: str, section: str, run, recipe: Path | None, overrides: list[str] | None) -> None:
+    from d2ctool.config import to_dict
     from d2ctool.recipe import recipe_yaml
 
-    recipe_cfg = _recipe(recipe, set_, "continuous")
-    result = run(recipe_cfg.continuous, to_dict(recipe_cfg.continuous), recipe_yaml(recipe_cfg))
-    _report_training("train-continuous", result)
+    recipe_cfg = _recipe(recipe, overrides, section)
+    stage_cfg = getattr(recipe_cfg, section)
+    _report_training(command, run(stage_cfg, to_dict(stage_cfg), recipe_yaml(recipe_cfg)))
 
 
 @app.command(epilog="Examples:\n\n  d2c sample runs/tiny/samples --recipe recipes/tiny.yaml\n\n"

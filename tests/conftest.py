@@ -33,6 +33,17 @@ def run_d2c(*args, cwd=None, check=False, env=None) -> subprocess.CompletedProce
     return proc
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's many small tensor ops (an oversubscribed pool is much slower)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture
 def messy_tree(tmp_path) -> tuple[Path, dict]:
     """A class-per-folder tree with good images of every mode and each kind of bad file.

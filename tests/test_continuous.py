@@ -17,30 +17,16 @@ from d2ctool.continuous.load import PRESETS, build_mar, init_from_checkpoint, lo
 from d2ctool.continuous.model import truncated_normal_mask_ratio
 from d2ctool.continuous.sample import sample_latents
 from d2ctool.errors import UserError
+from test_tokenizers import read_manifest
 
-SPECS = Path(__file__).parent / "specs"
 FUSED = ["add", "prefix", "qformer", "crossattn"]
 # sampling tests: few diffusion steps keep them fast on a CPU
 FAST = {"num_sampling_steps": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models run fastest on one thread, and the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny models run fastest on one thread
 
 
-def read_manifest(name: str) -> dict[str, list[int]]:
-    entries = {}
-    for line in (SPECS / name).read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape, _dtype = line.split("\t")
-        entries[key] = json.loads(shape)
-    return entries
 
 
 def tiny(fusion="none", seed=0, **overrides):

@@ -33,13 +33,7 @@ from d2ctool.recipe import load_recipe, recipe_yaml
 ADM_KEYS = {"arr_0", "mu", "sigma", "mu_s", "sigma_s"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Lean on the shared 2-core machine: one intra-op thread (an oversubscribed pool is several times slower)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli_env(**extra):

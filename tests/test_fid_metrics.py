@@ -16,13 +16,7 @@ from d2ctool.evaluation.metrics import (StatsAccumulator, feature_stats, frechet
                                         inception_score, manifold_radii, precision_recall)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Lean on the shared 2-core machine: one intra-op thread."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scipy_fid(mu1, sigma1, mu2, sigma2):
