@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -12,14 +12,13 @@ import pytest
 import torch
 
 from conftest import REPO, run_d2c
-from d2ctool.data.prepare import prepare
 from d2ctool.data.reader import decode_image, image_member
 from d2ctool.data.shards import iter_tar
 from d2ctool.data.transforms import adm_center_crop, to_minus_one_one
 from d2ctool.errors import UserError
 from d2ctool.recipe import load_recipe, recipe_yaml
 from d2ctool.tokenizers.encode import encode
-from d2ctool.tokenizers.load import build_tokenizer, load_tokenizer, preset_config, save_tokenizer
+from d2ctool.tokenizers.load import load_tokenizer
 
 
 @pytest.fixture

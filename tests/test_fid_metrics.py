@@ -7,7 +7,6 @@ import warnings
 import numpy as np
 import pytest
 import scipy.linalg
-import torch
 import scipy.spatial.distance
 import scipy.special
 import scipy.stats

@@ -9,18 +9,17 @@ images, the KL decoding of their posterior mean above stage-2 samples conditione
 from __future__ import annotations
 
 import dataclasses
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from d2ctool.continuous.config import ContinuousConfig
-from d2ctool.continuous.load import init_from_checkpoint, load_mar, preset_config
+from d2ctool.continuous.load import init_from_checkpoint, preset_config
 from d2ctool.continuous.model import MAR
 from d2ctool.continuous.sample import sample_latents
 from d2ctool.data.reader import ShardReader
-from d2ctool.data.shards import load_manifest
+from d2ctool.data.shards import load_manifest, read_npy
 from d2ctool.errors import UserError
 from d2ctool.progress import info
 from d2ctool.tokenizers.kl import scaled_latents
@@ -29,10 +28,6 @@ from d2ctool.training.trainer import Trainer, TrainResult
 from d2ctool.visual import save_grid, to_uint8
 
 ENCODED = "d2c-encoded-shards"
-
-
-def _npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def model_config_for_data(cfg: ContinuousConfig, manifest: dict):
@@ -82,10 +77,10 @@ class ContinuousTask:
 
     def decode(self, members: dict, rng: np.random.Generator):
         flip = int(rng.integers(2))  # codes and moments of the same (original or flipped) image
-        moments = torch.from_numpy(_npy(members["moments.npy"])[flip].astype(np.float32))
+        moments = torch.from_numpy(read_npy(members["moments.npy"])[flip].astype(np.float32))
         noise = torch.from_numpy(rng.standard_normal((moments.shape[0] // 2, *moments.shape[1:])).astype(np.float32))
         latents = scaled_latents(moments[None], self.scale_factor, noise[None])[0]
-        codes = torch.from_numpy(_npy(members["codes.npy"])[flip].astype(np.int64))
+        codes = torch.from_numpy(read_npy(members["codes.npy"])[flip].astype(np.int64))
         return latents, int(members["cls"]), codes
 
     def loss(self, model, batch, device):
@@ -105,10 +100,10 @@ class ContinuousTask:
         if self._grid_batch is None:
             means, labels, codes = [], [], []
             for _, members in ShardReader(self.cfg.data, 0, 1, manifest_kind=ENCODED).raw():
-                moments = torch.from_numpy(_npy(members["moments.npy"])[0].astype(np.float32))
+                moments = torch.from_numpy(read_npy(members["moments.npy"])[0].astype(np.float32))
                 means.append(scaled_latents(moments[None], self.scale_factor, None)[0])
                 labels.append(int(members["cls"]))
-                codes.append(torch.from_numpy(_npy(members["codes.npy"])[0].astype(np.int64)))
+                codes.append(torch.from_numpy(read_npy(members["codes.npy"])[0].astype(np.int64)))
                 if len(means) == self.cfg.grid_samples:
                     break
             self._grid_batch = torch.stack(means), torch.tensor(labels), torch.stack(codes)

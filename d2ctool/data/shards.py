@@ -60,6 +60,22 @@ def iter_tar(path: str | Path, start: int = 0, stop: int | None = None) -> Itera
             yield key, members
 
 
+def npy_bytes(array) -> bytes:
+    """A `.npy` member's bytes (no pickles)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def read_npy(data: bytes):
+    """The array of a `.npy` member (pickles refused)."""
+    import numpy as np
+
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def load_manifest(root: str | Path, kind: str = "d2c-image-shards") -> dict:
     """Read and check a shard folder's manifest.json; the error says what to run when it is missing."""
     path = Path(root) / MANIFEST

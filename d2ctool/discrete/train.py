@@ -8,7 +8,6 @@ generated codes with the VQ tokenizer the data was encoded with.
 from __future__ import annotations
 
 import dataclasses
-import io
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from d2ctool.data.reader import ShardReader
-from d2ctool.data.shards import load_manifest
+from d2ctool.data.shards import load_manifest, read_npy
 from d2ctool.discrete.config import DiscreteConfig, preset
 from d2ctool.discrete.generate import generate
 from d2ctool.discrete.load import data_config, load_gpt
@@ -27,10 +26,6 @@ from d2ctool.training.trainer import Trainer, TrainResult
 from d2ctool.visual import save_grid, to_uint8
 
 ENCODED = "d2c-encoded-shards"
-
-
-def load_codes(members: dict) -> np.ndarray:
-    return np.load(io.BytesIO(members["codes.npy"]), allow_pickle=False)
 
 
 class DiscreteTask:
@@ -63,7 +58,7 @@ class DiscreteTask:
                            shuffle_buffer=shuffle_buffer, manifest_kind=ENCODED)
 
     def decode(self, members: dict, rng: np.random.Generator):
-        codes = load_codes(members)[int(rng.integers(2))]  # original or h-flipped
+        codes = read_npy(members["codes.npy"])[int(rng.integers(2))]  # original or h-flipped
         return torch.from_numpy(codes.astype(np.int64)), int(members["cls"])
 
     def loss(self, model, batch, device):

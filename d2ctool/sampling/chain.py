@@ -9,7 +9,6 @@ oracle-codes     real images' codes and labels -> stage-2 latents -> KL decode  
 from __future__ import annotations
 
 import dataclasses
-import io
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 from d2ctool.continuous.load import load_mar
 from d2ctool.continuous.sample import sample_latents
 from d2ctool.data.reader import ShardReader
+from d2ctool.data.shards import read_npy
 from d2ctool.discrete.config import preset as gpt_preset
 from d2ctool.discrete.generate import generate
 from d2ctool.discrete.load import data_config, load_gpt
@@ -80,7 +80,8 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
         official = None
         if not _is_our_run(path):
             grid = cfg.image_size // vq.stride
-            official = data_config(gpt_preset(cfg.discrete_preset), vq.cfg.codebook_size, grid, 1000)
+            official = data_config(gpt_preset(cfg.discrete_preset), vq.cfg.codebook_size, grid,
+                                   num_classes=1000)  # LlamaGen's released c2i models are ImageNet-1k
         gpt, info = load_gpt(path, official, use_ema=cfg.use_ema)
         loaded["stage1"] = {**info, "config": dataclasses.asdict(gpt.cfg)}
         if gpt.cfg.vocab_size != vq.cfg.codebook_size:
@@ -130,7 +131,7 @@ def _oracle_codes(data: str, mar, count: int) -> tuple[torch.Tensor, torch.Tenso
         raise UserError(f"oracle-codes: {data} holds {len(reader)} images, fewer than sample.num_images {count}")
     codes, labels = [], []
     for _, members in reader.raw():
-        codes.append(np.load(io.BytesIO(members["codes.npy"]), allow_pickle=False)[0].astype(np.int64))
+        codes.append(read_npy(members["codes.npy"])[0].astype(np.int64))
         labels.append(int(members["cls"]))
         if len(codes) == count:
             break

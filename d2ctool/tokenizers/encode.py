@@ -9,7 +9,6 @@ rank r encodes shards r, r+W, ...; rank 0 writes the manifest once all are done.
 
 from __future__ import annotations
 
-import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -22,7 +21,7 @@ import torch
 from d2ctool import __version__, distributed
 from d2ctool.config import to_dict
 from d2ctool.data.reader import decode_image, image_member
-from d2ctool.data.shards import iter_tar, load_manifest, write_tar
+from d2ctool.data.shards import iter_tar, load_manifest, npy_bytes, write_tar
 from d2ctool.data.transforms import adm_center_crop
 from d2ctool.errors import UserError
 from d2ctool.io import atomic_path, sha256_file
@@ -81,12 +80,6 @@ def encode_images(vq, kl, images: np.ndarray, device: torch.device, autocast: bo
     return codes.cpu(), moments.cpu()
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
 def _load_crop(data: bytes, resolution: int) -> np.ndarray:
     return np.asarray(adm_center_crop(decode_image(data), resolution))
 
@@ -134,7 +127,7 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
             for start in range(0, len(samples), cfg.batch_size):
                 codes, moments = encode_images(vq, kl, np.stack(images[start:start + cfg.batch_size]), device, autocast)
                 for (key, members), c, m in zip(samples[start:start + cfg.batch_size], codes.numpy(), moments.numpy()):
-                    written.append((key, {"codes.npy": _npy(c.astype(code_type)), "moments.npy": _npy(m.astype(moment_type)),
+                    written.append((key, {"codes.npy": npy_bytes(c.astype(code_type)), "moments.npy": npy_bytes(m.astype(moment_type)),
                                           "cls": members["cls"], "json": members.get("json", b"{}")}))
                 bar.advance(len(codes))
             with atomic_path(out / entry["file"]) as tmp:
