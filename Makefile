@@ -39,6 +39,8 @@ reproduce: install
 bench: install
 	$(BIN)/python bench/prepare.py
 	$(BIN)/python bench/encode.py
+	$(BIN)/python bench/discrete.py
+	$(BIN)/python bench/continuous.py
 	$(BIN)/python bench/fid.py
 
 clean:
