@@ -188,6 +188,8 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path)
     # the run folder refuses different settings; more steps are fine
     with pytest.raises(UserError, match="different settings"):
         run_discrete(discrete_recipe(tiny_data, tmp_path / "whole", "train.base_lr=0.5"))
+    again = run_discrete(discrete_recipe(tiny_data, tmp_path / "whole"))  # complete: nothing to do
+    assert again.step == 10 and again.resumed_from == 10 and again.summary == whole.summary
     assert run_discrete(discrete_recipe(tiny_data, tmp_path / "whole", "train.steps=12")).step == 12
 
 

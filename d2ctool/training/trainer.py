@@ -6,7 +6,8 @@ warmup then constant or cosine, gradient accumulation and clipping, EMA, bf16 au
 under torchrun, `metrics.jsonl`, atomic checkpoints every N steps plus `last.pt`, and exact resume:
 model, EMA, optimizer, step, data position and every rank's RNG states come back from `last.pt`.
 
-Run folder: config.yaml, metrics.jsonl, checkpoints/{last.pt, step_0001000.pt, ...}, grids/.
+Run folder: config.yaml, metrics.jsonl, checkpoints/{last.pt, step_0001000.pt, ...}, grids/, and
+summary.json once the run is complete (re-running a complete run is then a no-op; more steps resume it).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from d2ctool import distributed
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.torch_dataset import ShardDataset
 from d2ctool.errors import UserError
-from d2ctool.io import atomic_path, write_text
+from d2ctool.io import atomic_path, write_json, write_text
 from d2ctool.progress import Progress, info
 from d2ctool.training.config import TrainConfig
 
 CHECKPOINT_FORMAT = "d2c-train-checkpoint"
+SUMMARY = "summary.json"  # written after the final export: its presence means the run is complete
 # train.* fields that may differ when a run is resumed (they do not change what is learned)
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "num_workers", "device"}
 
@@ -210,6 +212,11 @@ class Trainer:
             else:
                 _set_rng_state(ckpt["rng"][rank], device)
             resumed_from = step
+            finished = self.run_dir / SUMMARY
+            if step >= cfg.steps and finished.is_file() and json.loads(finished.read_text())["step"] == step:
+                if rank == 0:
+                    info(f"{task.name}: {self.run_dir} already finished at step {step}; nothing to do")
+                return TrainResult(self.run_dir, step, step, json.loads(finished.read_text())["summary"])
             if rank == 0:
                 info(f"{task.name}: resuming from step {step} ({last})")
                 self._trim_metrics(step)
@@ -303,5 +310,6 @@ class Trainer:
         if rank == 0:
             final = ema if (ema is not None and cfg.sample_with_ema) else model
             summary = task.finish(final.eval(), self.run_dir, device)
+            write_json(self.run_dir / SUMMARY, {"step": step, "summary": summary})  # written last: the run is done
         distributed.barrier()
         return TrainResult(self.run_dir, step, resumed_from, summary)
