@@ -50,4 +50,13 @@ def test_kl_beats_the_blur_baseline(tiny_data, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["psnr_db"] > report["blur_baseline_psnr_db"] + 1.0, report
     model, _ = load_tokenizer("kl", "ignored", str(out / "tokenizer.pt"))
-    assert model.cfg.embed_dim == 4
+    assert model.cfg.embed_dim == 4 and model.cfg.scale_factor == report["scale_factor"]
+    # the fitted scale makes the latents stage 2 sees about unit-variance (LDM's rule)
+    from d2ctool.data.reader import ShardReader, decode_image, image_member
+    from d2ctool.data.transforms import adm_center_crop, to_minus_one_one
+
+    images = torch.stack([torch.from_numpy(to_minus_one_one(adm_center_crop(decode_image(image_member(m)), 16)))
+                          for _, m in ShardReader(tiny_data / "shards").raw()])
+    with torch.no_grad():
+        latents = model.latents_from_moments(model.encode_moments(images))
+    assert 0.8 < float(latents.std()) < 1.25

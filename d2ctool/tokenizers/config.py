@@ -52,7 +52,7 @@ class TokenizerTrainingConfig:
     kl_preset: str = "kl-tiny-s4"
     codebook_size: int | None = None  # overrides the VQ preset's
     latent_channels: int | None = None  # overrides the KL preset's embed_dim
-    scale_factor: float | None = None  # overrides the KL preset's latent scale
+    scale_factor: float | None = None  # latent scale; None: fitted at the end, 1 / std of the latents (LDM)
     resolution: int = bounded(64, min=8)  # ADM center crop of the training images
     val: str | None = None  # held-out image shards for the final PSNR (default: the training shards)
     val_images: int = bounded(256, min=1)

@@ -157,8 +157,17 @@ class TokenizerTask:
         save_grid(path, to_uint8(torch.cat([images, recon])), len(images), ["input", "recon"])
 
     @torch.no_grad()
+    def fit_scale_factor(self, model, images: torch.Tensor, device: torch.device) -> float:
+        """LDM's rule: 1 / std of posterior samples, so stage 2 models latents of about unit variance."""
+        samples = [model.latents_from_moments(model.encode_moments(b.to(device)), sample=True) / model.cfg.scale_factor
+                   for b in images.split(64)]
+        return round(1.0 / float(torch.cat(samples).std()), 4)
+
+    @torch.no_grad()
     def finish(self, model, run_dir: Path, device: torch.device) -> dict:
         images = self.val_images()
+        if self.kind == "kl" and self.cfg.scale_factor is None:
+            model.cfg.scale_factor = self.model_cfg.scale_factor = self.fit_scale_factor(model, images, device)
         scores, baseline, codes = [], [], []
         for batch in images.split(64):
             batch = batch.to(device)
@@ -174,6 +183,8 @@ class TokenizerTask:
             "psnr_db": round(float(torch.cat(scores).mean()), 3),
             "blur_baseline_psnr_db": round(float(torch.cat(baseline).mean()), 3),
         }
+        if self.kind == "kl":
+            report["scale_factor"] = model.cfg.scale_factor
         if codes:
             used = torch.cat(codes).unique().numel()
             report.update(codes_used=used, codebook_size=self.model_cfg.codebook_size,
