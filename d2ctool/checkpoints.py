@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,6 +14,21 @@ from d2ctool.errors import UserError
 
 # Prefixes that wrappers add to every key: DDP/FSDP (`module.`), torch.compile (`_orig_mod.`).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class LoadedWeights:
+    """What a loader read: for manifests, metrics files and the plans of resumable commands."""
+
+    name: str  # preset name, or the name our own checkpoint carries
+    checkpoint: str  # absolute path
+    sha256: str
+    config: dict  # the architecture that was built
+    weights: str  # which entry of the file was loaded
+    kind: str | None = None  # "vq" or "kl" for tokenizers
+
+    def record(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def load_file(path: str | Path) -> dict:
@@ -52,7 +69,7 @@ def unwrap(obj: dict, prefer: tuple[str, ...], path: str | Path) -> tuple[dict, 
                     f"(found: {', '.join(sorted(map(str, obj))[:8])})")
 
 
-def _listing(items: list[str], limit: int = 5) -> str:
+def listing(items: list[str], limit: int = 5) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
@@ -67,11 +84,11 @@ def load_strict(module: torch.nn.Module, state_dict: dict, source: str, what: st
     if missing or unexpected or mismatched:
         parts = [f"{source} does not match {what}:"]
         if missing:
-            parts.append(f"{len(missing)} missing key(s): {_listing(missing)};")
+            parts.append(f"{len(missing)} missing key(s): {listing(missing)};")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)};")
+            parts.append(f"{len(unexpected)} unexpected key(s): {listing(unexpected)};")
         if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es) (file vs model): {_listing(mismatched)};")
+            parts.append(f"{len(mismatched)} shape mismatch(es) (file vs model): {listing(mismatched)};")
         parts.append("check the preset matches the checkpoint")
         raise UserError(" ".join(parts))
     module.load_state_dict(state_dict, strict=True)

@@ -9,12 +9,11 @@ from any such checkpoint with `init_from_checkpoint`: the matching keys load, th
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from d2ctool.checkpoints import _listing, load_file, load_strict, unwrap
+from d2ctool.checkpoints import LoadedWeights, listing, load_file, load_strict, unwrap
 from d2ctool.config import ConfigError, build
 from d2ctool.continuous.config import MARConfig
 from d2ctool.continuous.model import MAR
@@ -39,18 +38,6 @@ PRESETS = {
 # which entry of an official container holds the weights, in order of preference
 OFFICIAL_KEYS = ("model_ema", "model", "state_dict")
 OWN_FORMAT = "d2c-mar"
-
-
-@dataclass
-class MARInfo:
-    name: str  # preset name, or the name our own checkpoint carries
-    checkpoint: str
-    sha256: str
-    config: dict
-    weights: str  # which entry of the file was loaded
-
-    def record(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def preset_config(preset: str, overrides: dict | None = None) -> MARConfig:
@@ -87,7 +74,7 @@ def _weights(obj: dict, checkpoint) -> tuple[dict, str]:
 
 
 def load_mar(preset: str, checkpoint: str | Path | None, overrides: dict | None = None,
-             use_ema: bool = True) -> tuple[MAR, MARInfo]:
+             use_ema: bool = True) -> tuple[MAR, LoadedWeights]:
     """The model with its weights (CPU, eval mode) and a record of what was loaded. Our own checkpoints
     carry their config (the preset is ignored); official ones are read with the preset's architecture.
     `overrides` change config fields that leave the state dict alone (e.g. num_sampling_steps)."""
@@ -114,7 +101,7 @@ def load_mar(preset: str, checkpoint: str | Path | None, overrides: dict | None 
     hint = (" (a fused model starts from a plain MAR checkpoint with init_from_checkpoint)"
             if cfg.fusion != "none" else "")
     load_strict(model, state_dict, str(checkpoint), f"the MAR model '{name}' (fusion {cfg.fusion}){hint}")
-    info = MARInfo(name, str(Path(checkpoint).resolve()), sha256_file(checkpoint), dataclasses.asdict(cfg), weights)
+    info = LoadedWeights(name, str(Path(checkpoint).resolve()), sha256_file(checkpoint), dataclasses.asdict(cfg), weights)
     return model.eval(), info
 
 
@@ -131,9 +118,9 @@ def init_from_checkpoint(model: MAR, checkpoint: str | Path) -> list[str]:
     if unexpected or mismatched:
         parts = [f"{checkpoint} cannot initialise this MAR model (fusion {model.cfg.fusion}):"]
         if unexpected:
-            parts.append(f"{len(unexpected)} key(s) the model lacks: {_listing(unexpected)};")
+            parts.append(f"{len(unexpected)} key(s) the model lacks: {listing(unexpected)};")
         if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es) (file vs model): {_listing(mismatched)};")
+            parts.append(f"{len(mismatched)} shape mismatch(es) (file vs model): {listing(mismatched)};")
         parts.append("use the preset of the checkpoint's architecture (widths, depths, latent size) and change "
                      "only the fusion")
         raise UserError(" ".join(parts))

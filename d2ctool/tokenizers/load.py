@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from d2ctool.checkpoints import load_file, load_strict, unwrap
+from d2ctool.checkpoints import LoadedWeights, load_file, load_strict, unwrap
 from d2ctool.config import ConfigError, build
 from d2ctool.errors import UserError
 from d2ctool.io import atomic_path, sha256_file
@@ -39,19 +38,6 @@ OFFICIAL_KEYS = {"vq": ("ema", "model", "state_dict"), "kl": ("model", "state_di
 OWN_FORMAT = "d2c-tokenizer"
 
 
-@dataclass
-class TokenizerInfo:
-    kind: str  # "vq" or "kl"
-    name: str  # preset name, or "custom" for our own checkpoints
-    checkpoint: str
-    sha256: str
-    config: dict
-    weights: str  # which entry of the file was loaded
-
-    def record(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 def preset_config(kind: str, preset: str):
     try:
         return dataclasses.replace(PRESETS[kind][preset])
@@ -71,7 +57,7 @@ def save_tokenizer(path: str | Path, model: torch.nn.Module, kind: str, name: st
         torch.save(payload, tmp)
 
 
-def load_tokenizer(kind: str, preset: str, checkpoint: str | None) -> tuple[torch.nn.Module, TokenizerInfo]:
+def load_tokenizer(kind: str, preset: str, checkpoint: str | None) -> tuple[torch.nn.Module, LoadedWeights]:
     """The tokenizer with its weights (CPU, eval mode) and a record of what was loaded."""
     if checkpoint is None:
         hint = {"vq": "LlamaGen's vq_ds16_c2i.pt", "kl": "MAR's kl16.ckpt"}[kind]
@@ -92,6 +78,6 @@ def load_tokenizer(kind: str, preset: str, checkpoint: str | None) -> tuple[torc
         state_dict, weights = unwrap(obj, OFFICIAL_KEYS[kind], checkpoint)
     model = build_tokenizer(kind, cfg)
     load_strict(model, state_dict, str(checkpoint), f"the {kind} tokenizer '{name}'")
-    info = TokenizerInfo(kind, name, str(Path(checkpoint).resolve()), sha256_file(checkpoint),
-                         dataclasses.asdict(cfg), weights)
+    info = LoadedWeights(name, str(Path(checkpoint).resolve()), sha256_file(checkpoint), dataclasses.asdict(cfg),
+                         weights, kind)
     return model.eval(), info
