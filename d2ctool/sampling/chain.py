@@ -4,6 +4,8 @@ two-stage        labels -> stage-1 codes (KV-cache GPT) -> stage-2 latents condi
 discrete-only    labels -> stage-1 codes -> VQ decode                       (the LlamaGen baseline)
 continuous-only  labels -> stage-2 latents, fusion none -> KL decode        (the MAR baseline)
 oracle-codes     real images' codes and labels -> stage-2 latents -> KL decode  (stage 2's upper bound)
+
+Stage-2 latents are mapped back to the KL tokenizer's by the `LatentNorm` stage 2 was trained with.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from d2ctool.data.shards import read_npy
 from d2ctool.discrete.config import preset as gpt_preset
 from d2ctool.discrete.generate import generate
 from d2ctool.discrete.load import data_config, load_gpt
+from d2ctool.checkpoints import LoadedWeights
 from d2ctool.errors import UserError
 from d2ctool.sampling.config import SampleConfig
 from d2ctool.tokenizers.config import TokenizersConfig
+from d2ctool.tokenizers.latent_norm import LatentNorm
 from d2ctool.tokenizers.load import load_tokenizer
 from d2ctool.training.trainer import CHECKPOINT_FORMAT, run_checkpoint
 from d2ctool.visual import to_uint8
@@ -41,6 +45,7 @@ class Chain:
     vq: torch.nn.Module | None = None
     kl: torch.nn.Module | None = None
     oracle: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes [N, L], labels [N]) of real images
+    latent_norm: LatentNorm | None = None  # stage 2's latents -> the KL tokenizer's
     loaded: dict = field(default_factory=dict)  # what was loaded, for the manifest
 
     @property
@@ -64,17 +69,42 @@ def _is_our_run(path: str) -> bool:
     return load_file(run_checkpoint(path)).get("format") == CHECKPOINT_FORMAT
 
 
+def _side(record: dict) -> str:
+    return f"{record.get('name')} ({record.get('checkpoint')}, sha256 {str(record.get('sha256'))[:12]})"
+
+
+def stage2_latent_norm(stage2: LoadedWeights, kl, kl_info: LoadedWeights, vq_info: LoadedWeights | None) -> LatentNorm:
+    """The normalisation stage 2 was trained with, once its KL (and VQ) tokenizers are checked to be these.
+
+    Our runs record their data's tokenizers (sha256) and normalisation; an official MAR file records
+    nothing and is taken as trained on its tokenizer's latents times the tokenizer's scale factor.
+    """
+    data = stage2.trained_on
+    if data is None:
+        if kl.cfg.latent_norm != "scale":
+            raise UserError(f"the stage-2 file {stage2.checkpoint} records no training data, so it is read as MAR's "
+                            f"release (scale-factor latents), but the KL tokenizer {kl_info.name} normalises its "
+                            "latents per channel: give a stage 2 trained with `d2c train-continuous` on its latents")
+        return kl.scale_norm()
+    for kind, info, what in (("kl", kl_info, "latents"), ("vq", vq_info, "codes")):
+        if info is not None and data[kind]["sha256"] != info.sha256:
+            raise UserError(f"stage 2 ({stage2.checkpoint}) was trained on the {what} of the {kind} tokenizer "
+                            f"{_side(data[kind])}, but tokenizers.{kind} is {_side(info.record())}: give the "
+                            "tokenizer it was trained with")
+    return LatentNorm.from_record(data["latent_norm"])
+
+
 def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.device) -> Chain:
     """Load what the mode needs and check that the pieces fit together, before any sampling."""
     mode = cfg.mode
-    vq = kl = gpt = mar = None
+    vq = kl = gpt = mar = vq_info = kl_info = norm = None
     loaded = {}
     if mode in ("two-stage", "discrete-only"):
-        vq, info = load_tokenizer("vq", tokenizers.vq.preset, tokenizers.vq.checkpoint)
-        loaded["vq"] = info.record()
+        vq, vq_info = load_tokenizer("vq", tokenizers.vq.preset, tokenizers.vq.checkpoint)
+        loaded["vq"] = vq_info.record()
     if mode != "discrete-only":
-        kl, info = load_tokenizer("kl", tokenizers.kl.preset, tokenizers.kl.checkpoint)
-        loaded["kl"] = info.record()
+        kl, kl_info = load_tokenizer("kl", tokenizers.kl.preset, tokenizers.kl.checkpoint)
+        loaded["kl"] = kl_info.record()
     if mode in ("two-stage", "discrete-only"):
         path = _require(cfg.discrete, "sample.discrete (a train-discrete run or LlamaGen's c2i_*.pt)", mode)
         official = None
@@ -85,13 +115,16 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
         gpt, info = load_gpt(path, official, use_ema=cfg.use_ema)
         loaded["stage1"] = {**info, "config": dataclasses.asdict(gpt.cfg)}
         if gpt.cfg.vocab_size != vq.cfg.codebook_size:
-            raise UserError(f"the stage-1 model's vocabulary ({gpt.cfg.vocab_size}) differs from the VQ tokenizer's "
-                            f"codebook ({vq.cfg.codebook_size}): give the tokenizer it was trained with")
+            raise UserError(f"the stage-1 model {path} makes codes of a {gpt.cfg.vocab_size}-code vocabulary, but the "
+                            f"VQ tokenizer {vq_info.name} ({vq_info.checkpoint}) has {vq.cfg.codebook_size} codes: "
+                            "give the tokenizer it was trained with")
     if mode != "discrete-only":
         path = _require(cfg.continuous, "sample.continuous (a train-continuous run or MAR's mar_*.pth)", mode)
         mar, info = load_mar(cfg.continuous_preset, path, {"num_sampling_steps": cfg.stage2.num_sampling_steps},
                              use_ema=cfg.use_ema)
         loaded["stage2"] = info.record()
+        norm = stage2_latent_norm(info, kl, kl_info, vq_info if mar.cfg.fusion != "none" else None)
+        loaded["latent_norm"] = norm.record()
         fused = mar.cfg.fusion != "none"
         if mode == "continuous-only" and fused:
             raise UserError(f"mode continuous-only needs a stage-2 model with fusion none (the MAR baseline); this one "
@@ -112,17 +145,21 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
             raise UserError(f"the tokenizers' grids differ: VQ stride {vq.stride}, KL stride {kl.stride}")
     oracle = None
     if mode == "oracle-codes":
-        oracle = _oracle_codes(_require(cfg.oracle_data, "sample.oracle_data (encoded shards)", mode), mar, cfg.num_images)
+        oracle = _oracle_codes(_require(cfg.oracle_data, "sample.oracle_data (encoded shards)", mode), mar, cfg.num_images,
+                               info.trained_on)
     num_classes = gpt.cfg.num_classes if gpt is not None else mar.cfg.num_classes
     for model in (gpt, mar, vq, kl):
         if model is not None:
             model.to(device).eval()
-    return Chain(cfg, device, num_classes, gpt, mar, vq, kl, oracle, loaded)
+    return Chain(cfg, device, num_classes, gpt, mar, vq, kl, oracle, loaded, norm)
 
 
-def _oracle_codes(data: str, mar, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _oracle_codes(data: str, mar, count: int, trained_on: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
     reader = ShardReader(data, 0, 1, manifest_kind="d2c-encoded-shards")
     vq = reader.manifest["tokenizers"]["vq"]
+    if trained_on is not None and vq["sha256"] != trained_on["vq"]["sha256"]:
+        raise UserError(f"{data} holds the codes of the vq tokenizer {_side(vq)}, but stage 2 was trained on those "
+                        f"of {_side(trained_on['vq'])}: give encoded shards of the tokenizer it was trained with")
     if (vq["codebook_size"], reader.manifest["grid"][0]) != (mar.cfg.code_vocab, mar.cfg.code_size):
         raise UserError(f"{data} holds {reader.manifest['grid'][0]}x{reader.manifest['grid'][0]} codes of "
                         f"{vq['codebook_size']}, but stage 2 was trained on {mar.cfg.code_size}x{mar.cfg.code_size} "
@@ -183,7 +220,7 @@ def generate_batch(chain: Chain, labels: np.ndarray, start: int, timings: dict) 
                                      cfg_schedule=s.cfg_schedule, temperature=s.temperature, generator=generator)
         t2 = time.perf_counter()
         if chain.uses_stage2:
-            images = chain.kl.decode_latents(latents)
+            images = chain.kl.decode_latents(latents, chain.latent_norm)
         else:
             g = chain.gpt.cfg.grid
             images = chain.vq.decode_codes(codes.view(-1, g, g))
