@@ -120,11 +120,9 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
                             "give the tokenizer it was trained with")
     if mode != "discrete-only":
         path = _require(cfg.continuous, "sample.continuous (a train-continuous run or MAR's mar_*.pth)", mode)
-        mar, info = load_mar(cfg.continuous_preset, path, {"num_sampling_steps": cfg.stage2.num_sampling_steps},
-                             use_ema=cfg.use_ema)
-        loaded["stage2"] = info.record()
-        norm = stage2_latent_norm(info, kl, kl_info, vq_info if mar.cfg.fusion != "none" else None)
-        loaded["latent_norm"] = norm.record()
+        mar, stage2_info = load_mar(cfg.continuous_preset, path, {"num_sampling_steps": cfg.stage2.num_sampling_steps},
+                                    use_ema=cfg.use_ema)
+        loaded["stage2"] = stage2_info.record()
         fused = mar.cfg.fusion != "none"
         if mode == "continuous-only" and fused:
             raise UserError(f"mode continuous-only needs a stage-2 model with fusion none (the MAR baseline); this one "
@@ -143,15 +141,18 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
             raise UserError(f"stage 1 knows {gpt.cfg.num_classes} classes, stage 2 {mar.cfg.num_classes}")
         if vq.stride != kl.stride:
             raise UserError(f"the tokenizers' grids differ: VQ stride {vq.stride}, KL stride {kl.stride}")
+    if mar is not None:  # after the checks of shapes, which say more than a differing checksum
+        norm = stage2_latent_norm(stage2_info, kl, kl_info, vq_info if mar.cfg.fusion != "none" else None)
+        loaded["latent_norm"] = norm.record()
     oracle = None
     if mode == "oracle-codes":
         oracle = _oracle_codes(_require(cfg.oracle_data, "sample.oracle_data (encoded shards)", mode), mar, cfg.num_images,
-                               info.trained_on)
+                               stage2_info.trained_on)
     num_classes = gpt.cfg.num_classes if gpt is not None else mar.cfg.num_classes
     for model in (gpt, mar, vq, kl):
         if model is not None:
             model.to(device).eval()
-    return Chain(cfg, device, num_classes, gpt, mar, vq, kl, oracle, loaded, norm)
+    return Chain(cfg, device, num_classes, gpt, mar, vq, kl, oracle, latent_norm=norm, loaded=loaded)
 
 
 def _oracle_codes(data: str, mar, count: int, trained_on: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
