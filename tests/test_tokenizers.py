@@ -261,3 +261,17 @@ def test_vavae_lightning_checkpoint_drops_training_only_keys_by_name(tmp_path, c
     torch.save({"state_dict": {**sd, **training_only, "decoder.extra.weight": torch.zeros(1)}}, path)
     with pytest.raises(UserError, match=r"1 unexpected key\(s\): decoder.extra.weight"):
         load_tokenizer("kl", "vavae-tiny-s4", str(path))
+
+
+def test_maskgit_training_loss_has_the_official_weights():
+    """1d-tokenizer's VectorQuantizer: mean((sg[z_q] - z)^2) + 0.25 * mean((z_q - sg[z])^2)."""
+    torch.manual_seed(0)
+    model = build_tokenizer("vq", preset_config("vq", "maskgit-tiny-s4"))
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    _, indices, aux = model(images)
+    z = model.encode_latent(images).permute(0, 2, 3, 1)
+    z_q = model.quantize.embedding.weight[indices]
+    mse = torch.mean((z_q - z) ** 2)
+    assert torch.allclose(aux["commit"], mse) and torch.allclose(aux["codebook"], 0.25 * mse)
+    aux["commit"].backward()  # weight 1 reaches the encoder, not the codebook
+    assert model.quantize.embedding.weight.grad is None and model.encoder.conv_out.weight.grad is not None

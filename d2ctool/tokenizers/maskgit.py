@@ -33,7 +33,7 @@ class MaskGITConfig:
     ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
     num_res_blocks: int = bounded(2, min=1)  # per level, and in each middle stack
     dropout: float = 0.0
-    commit_beta: float = 0.25  # commitment loss weight (training)
+    commit_beta: float = 0.25  # official commitment_cost; it weights the codebook term (see MaskGITVQ.forward)
 
     @property
     def stride(self) -> int:
@@ -193,17 +193,18 @@ class MaskGITVQ(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Reconstruction through the codebook with the straight-through estimator (training).
 
-        Returns (reconstruction in [-1, 1], indices [B, h, w], aux) with the official losses: the
-        codebook term mean((z_q - sg[z])^2) and beta * mean((sg[z_q] - z)^2), and the detached latents
-        [B*h*w, dim] (for restarting dead codes). The reconstruction is not clamped, so it keeps gradients.
+        Returns (reconstruction in [-1, 1], indices [B, h, w], aux) with the official `VectorQuantizer`
+        loss, whose weights are the reverse of VQ-VAE's: mean((sg[z_q] - z)^2) at weight 1 pulls the
+        encoder, beta * mean((z_q - sg[z])^2) the codebook; and the detached latents [B*h*w, dim] (for
+        restarting dead codes). The reconstruction is not clamped, so it keeps gradients.
         """
         z = self.encode_latent(images).permute(0, 2, 3, 1)
         b, h, w, d = z.shape
         with torch.autocast(z.device.type, enabled=False):
             indices = self.quantize.nearest(z.reshape(-1, d)).view(b, h, w)
         z_q = self.quantize.embedding.weight[indices].to(z.dtype)
-        aux = {"codebook": torch.mean((z_q - z.detach()) ** 2),
-               "commit": self.cfg.commit_beta * torch.mean((z_q.detach() - z) ** 2),
+        aux = {"codebook": self.cfg.commit_beta * torch.mean((z_q - z.detach()) ** 2),
+               "commit": torch.mean((z_q.detach() - z) ** 2),
                "latents": z.detach().reshape(-1, d)}
         z_q = z + (z_q - z).detach()
         return self.decoder(z_q.permute(0, 3, 1, 2)) * 2 - 1, indices, aux
