@@ -138,15 +138,15 @@ def test_sampling_through_maskgit_and_vavae(discon, tmp_path, mode):
 def test_mismatched_tokenizers_are_refused_naming_both_sides(discon, tiny_data, tmp_path):
     root, tokenizers = discon
     out = tmp_path / "out"
-    other_kl = [*tokenizers, f"tokenizers.kl.checkpoint={tiny_data / 'vavae-other.pt'}"]
+    other_kl = [*tokenizers, f"tokenizers.kl.checkpoint={tmp_path / 'vavae-other.pt'}"]
     torch.manual_seed(5)
     torch.save({"state_dict": build_tokenizer("kl", preset_config("kl", "vavae-tiny-s4")).state_dict()},
-               tiny_data / "vavae-other.pt")
+               tmp_path / "vavae-other.pt")
     with pytest.raises(UserError, match=r"stage 2 \(.*\) was trained on the latents of the kl tokenizer vavae-tiny-s4 "
                                         r"\(.*vavae.pt, sha256 \w{12}\), but tokenizers.kl is vavae-tiny-s4 "
                                         r"\(.*vavae-other.pt, sha256 \w{12}\)"):
         run(root, other_kl, out, "two-stage")
-    llamagen = [*tokenizers, "tokenizers.vq.preset=vq-tiny-s4", f"tokenizers.vq.checkpoint={tiny_data / 'vq-tiny-s4.pt'}"]
+    llamagen = [*tokenizers, f"tokenizers.vq.checkpoint={tiny_data / 'vq-tiny-s4.pt'}"]  # LlamaGen VQ, 512 codes
     with pytest.raises(UserError, match=r"stage-1 model .*gpt makes codes of a 256-code vocabulary, but the VQ "
                                         r"tokenizer vq-tiny-s4 \(.*vq-tiny-s4.pt\) has 512 codes"):
         run(root, llamagen, out, "discrete-only")

@@ -30,7 +30,8 @@ def test_scale_and_channel_rules_and_their_round_trip():
 
 def test_channel_stats_match_torch_over_uneven_batches():
     torch.manual_seed(0)
-    z = torch.randn(37, 3, 4, 4) * torch.tensor([1.0, 0.01, 5.0]).view(1, 3, 1, 1) + torch.tensor([100.0, -3.0, 0.0]).view(1, 3, 1, 1)
+    scale, shift = torch.tensor([1.0, 0.01, 5.0]).view(1, 3, 1, 1), torch.tensor([100.0, -3.0, 0.0]).view(1, 3, 1, 1)
+    z = torch.randn(37, 3, 4, 4) * scale + shift  # a large mean beside a tiny spread
     mean, std, count = channel_stats(iter([z[:5], z[5:6], z[6:]]))
     flat = z.double().transpose(0, 1).reshape(3, -1)
     assert count == 37 * 16

@@ -1,8 +1,8 @@
 """`d2c train-continuous`: the stage-2 masked AR model on encoded shards, with the shared trainer.
 
 Each step sees a fresh latent drawn from the stored posterior moments (normalised by the encode
-manifest's `latent_norm`: a scale factor or per-channel statistics), of the original or the h-flipped image, and the discrete codes of the same flip
-(teacher forcing: stage 2 learns on real images' codes). The periodic grid shows, for a few real
+manifest's `latent_norm`: a scale factor or per-channel statistics), of the original or the h-flipped
+image, and the discrete codes of the same flip (teacher forcing: stage 2 learns on real images' codes). The periodic grid shows, for a few real
 images, the KL decoding of their posterior mean above stage-2 samples conditioned on their codes.
 """
 

@@ -146,8 +146,8 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
         loaded["latent_norm"] = norm.record()
     oracle = None
     if mode == "oracle-codes":
-        oracle = _oracle_codes(_require(cfg.oracle_data, "sample.oracle_data (encoded shards)", mode), mar, cfg.num_images,
-                               stage2_info.trained_on)
+        data = _require(cfg.oracle_data, "sample.oracle_data (encoded shards)", mode)
+        oracle = _oracle_codes(data, mar, cfg.num_images, stage2_info.trained_on)
     num_classes = gpt.cfg.num_classes if gpt is not None else mar.cfg.num_classes
     for model in (gpt, mar, vq, kl):
         if model is not None:
