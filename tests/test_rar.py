@@ -180,7 +180,7 @@ def test_training_anneals_the_permutation_per_step(tiny_data):
     for step in range(10):
         task.before_step(model, step)
         seen.append(model.random_ratio)
-    assert seen == [1.0, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2, 0.0, 0.0]
+    assert seen == pytest.approx([1.0, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2, 0.0, 0.0], abs=1e-12)
     with pytest.raises(UserError, match="anneal_end 2 comes before anneal_start 3"):
         DiscreteTask(load_recipe(None, rar_recipe(tiny_data, "x", "discrete.permutation.anneal_end=2"),
                                  "discrete").discrete)
