@@ -103,7 +103,9 @@ class RAR(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.adaln_before_head = FinalLayer(cfg)
         self.lm_head = nn.Linear(d, cfg.vocab_size)
-        self.random_ratio = 0.0  # probability that a training sample is in a random order
+        # probability that a training sample is in a random order: a tensor, so that changing it every step
+        # does not recompile a torch.compile'd model; not persistent, so the state dict stays the released one
+        self.register_buffer("random_ratio", torch.zeros(()), persistent=False)
         self.gradient_checkpointing = False
         self._cond: torch.Tensor | None = None  # class embeddings [B, D] during cached generation
         self._init_weights()
@@ -138,8 +140,6 @@ class RAR(nn.Module):
         """orders [B, N]: each row a random permutation with probability `random_ratio`, else raster order."""
         n = self.cfg.grid**2
         raster = torch.arange(n, device=device).expand(batch_size, n)
-        if self.random_ratio <= 0:
-            return raster
         permute = torch.rand(batch_size, device=device) < self.random_ratio
         return torch.where(permute[:, None], torch.rand(batch_size, n, device=device).argsort(-1), raster)
 

@@ -67,7 +67,7 @@ class DiscreteTask:
 
     def before_step(self, model: nn.Module, step: int) -> None:
         if isinstance(model, RAR):  # RAR's permutation anneal, at the 0-based optimizer step about to run
-            model.random_ratio = self.cfg.permutation.probability(step)
+            model.random_ratio.fill_(self.cfg.permutation.probability(step))
 
     def reader(self, epoch: int, rank: int, world: int, seed: int, shuffle_buffer: int) -> ShardReader:
         return ShardReader(self.cfg.data, rank, world, shuffle=True, seed=seed, epoch=epoch,
