@@ -76,6 +76,8 @@ def test_bin_container_loads_strictly_and_carries_its_shape(tmp_path):
     torch.save(broken, path)
     with pytest.raises(UserError, match=r"blocks.1.attn.q_norm.weight \[17\] vs \[16\]"):
         load_stage1(path, wanted)
+    with pytest.raises(UserError, match="is a RAR checkpoint but the preset asked for is a GPT one"):
+        load_stage1(path, data_config(preset("gpt-b"), 1024, 16, 1000))
 
 
 def test_cached_logits_equal_the_full_forward_at_every_position():

@@ -20,6 +20,7 @@ from d2ctool.training.trainer import CHECKPOINT_FORMAT, run_checkpoint
 # LlamaGen's sampler reads "model", also a raw state dict, "module" or "state_dict"; rar_*.bin is a raw state dict
 OFFICIAL_KEYS = ("model", "module", "state_dict")
 FAMILIES = {"gpt": (GPTConfig, GPT), "rar": (RARConfig, RAR)}
+FAMILY_KEYS = {"gpt": "tok_embeddings.weight", "rar": "target_aware_pos_embed"}  # a key only that family has
 
 
 def family(cfg: StageOneConfig) -> str:
@@ -81,6 +82,10 @@ def load_stage1(path: str | Path, cfg: StageOneConfig | None = None, use_ema: bo
         if cfg is None:
             raise UserError(f"{path} is an official checkpoint: its model preset must be given")
         state_dict, weights = unwrap(obj, OFFICIAL_KEYS, path)
+        held = next((name for name, key in FAMILY_KEYS.items() if key in state_dict), family(cfg))
+        if held != family(cfg):
+            raise UserError(f"{path} is a {held.upper()} checkpoint but the preset asked for is a "
+                            f"{family(cfg).upper()} one: give a {held}-* preset (sample.discrete_preset)")
         model_cfg = official_rar_shape(cfg, state_dict, str(path)) if isinstance(cfg, RARConfig) else cfg
     model = build_model(model_cfg)
     load_strict(model, state_dict, str(path), f"the discrete (stage-1) {family(model_cfg).upper()} model")
