@@ -111,7 +111,7 @@ class SamplingConfig:
         if self.preset not in SAMPLING_PRESETS:
             raise UserError(f"unknown stage-1 sampling preset '{self.preset}'; choose one of "
                             f"{', '.join(SAMPLING_PRESETS)} or leave it null and set the knobs")
-        return SAMPLING_PRESETS[self.preset]
+        return replace(SAMPLING_PRESETS[self.preset], preset=self.preset)
 
 
 def _rar_release(cfg_scale: float, cfg_power: float, temperature: float) -> SamplingConfig:
@@ -148,7 +148,8 @@ class PermutationConfig:
 class DiscreteConfig:
     """Recipe section `discrete`: the stage-1 model and its training run."""
 
-    model: str = "gpt-b"  # gpt-b|l|xl|tiny or rar-b|l|xl|xxl|tiny; vocab_size, num_classes and grid always come from the encode manifest
+    # preset: gpt-b|l|xl|tiny or rar-b|l|xl|xxl|tiny; vocab_size, num_classes and grid come from the encode manifest
+    model: str = "gpt-b"
     class_dropout: float = bounded(0.1, min=0.0, max=1.0)
     token_dropout: float = bounded(0.1, min=0.0, max=1.0)
     resid_dropout: float = bounded(0.1, min=0.0, max=1.0)

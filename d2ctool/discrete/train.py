@@ -1,9 +1,11 @@
-"""`d2c train-discrete`: the stage-1 model (LlamaGen's GPT or RAR) on encoded shards, with the shared trainer.
+"""`d2c train-discrete`: the stage-1 model (LlamaGen's GPT or RAR) on encoded shards, with the shared
+trainer.
 
 Each sample's codes are taken from the original or the h-flipped image at random (seeded per
 sample). RAR trains on randomly permuted sequences with a probability annealed from 1 to 0 over
-`discrete.permutation` (set on the model before every optimizer step, so a resumed run continues it). vocab_size, grid and classes come from the encode manifest; the periodic grid decodes
-generated codes with the VQ tokenizer the data was encoded with.
+`discrete.permutation` (set on the model before every optimizer step, so a resumed run continues it).
+vocab_size, grid and classes come from the encode manifest; the periodic grid decodes generated codes
+with the VQ tokenizer the data was encoded with.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from d2ctool.data.reader import ShardReader
 from d2ctool.data.shards import load_manifest, read_npy
 from d2ctool.discrete.config import DiscreteConfig, preset
 from d2ctool.discrete.generate import generate
-from d2ctool.discrete.load import build_model, check_compatible, data_config, load_stage1, model_record
+from d2ctool.discrete.load import build_model, check_compatible, data_config, family, load_stage1, model_record
 from d2ctool.discrete.rar import RAR
 from d2ctool.errors import UserError
 from d2ctool.tokenizers.load import load_tokenizer
@@ -43,7 +45,7 @@ class DiscreteTask:
         model_cfg = data_config(preset(cfg.model), vq["codebook_size"], self.manifest["grid"][0], len(self.classes))
         dropouts = {"class_dropout": cfg.class_dropout, "resid_dropout": cfg.resid_dropout,
                     "ffn_dropout": cfg.ffn_dropout}
-        if cfg.model.startswith("rar-"):
+        if family(model_cfg) == "rar":
             dropouts["attn_dropout"] = cfg.attn_dropout
             if cfg.permutation.anneal_end < cfg.permutation.anneal_start:
                 raise UserError(f"discrete.permutation: anneal_end {cfg.permutation.anneal_end} comes before "

@@ -71,7 +71,8 @@ def _check_stage1_fits_vq(stage1, path: str, vq, vq_path: str | None, grid: int 
         where = f" and a {grid}x{grid} grid" if grid is not None else ""
         raise UserError(f"the stage-1 {family(stage1).upper()} model {path} makes {stage1.grid}x{stage1.grid} codes "
                         f"from a vocabulary of {stage1.vocab_size}, but the VQ tokenizer {vq_path or '(preset)'} has a "
-                        f"codebook of {vq.cfg.codebook_size}{where}: give the tokenizer the stage-1 model was trained with")
+                        f"codebook of {vq.cfg.codebook_size}{where}: give the tokenizer the stage-1 model was "
+                        "trained with")
 
 
 def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.device) -> Chain:
@@ -114,9 +115,9 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
                             f"decodes {kl.cfg.embed_dim}: give the tokenizer it was trained with")
     if mode == "two-stage":
         if (gpt.cfg.vocab_size, gpt.cfg.grid) != (mar.cfg.code_vocab, mar.cfg.code_size):
-            raise UserError(f"stage 1 ({cfg.discrete}) makes {gpt.cfg.grid}x{gpt.cfg.grid} codes of {gpt.cfg.vocab_size}, "
-                            f"but stage 2 ({cfg.continuous}) was trained on {mar.cfg.code_size}x{mar.cfg.code_size} "
-                            f"codes of {mar.cfg.code_vocab}")
+            raise UserError(f"stage 1 ({cfg.discrete}) makes {gpt.cfg.grid}x{gpt.cfg.grid} codes of "
+                            f"{gpt.cfg.vocab_size}, but stage 2 ({cfg.continuous}) was trained on "
+                            f"{mar.cfg.code_size}x{mar.cfg.code_size} codes of {mar.cfg.code_vocab}")
         if gpt.cfg.num_classes != mar.cfg.num_classes:
             raise UserError(f"stage 1 knows {gpt.cfg.num_classes} classes, stage 2 {mar.cfg.num_classes}")
         if vq.stride != kl.stride:
