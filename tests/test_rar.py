@@ -250,3 +250,20 @@ def test_official_rar_file_samples_and_mismatches_are_refused_first(tiny_models,
     with pytest.raises(UserError, match=r"makes 8x8 codes .* codebook of 512 and a 16x16 grid"):
         sample(recipe.sample, recipe.tokenizers, tmp_path / "refused", recipe_yaml(recipe))
     assert not (tmp_path / "refused").exists()
+
+
+def test_tiny_model_overfits_and_greedy_generation_reproduces():
+    cfg = replace(TINY, class_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
+    torch.manual_seed(0)
+    model = RAR(cfg).train()  # random_ratio 0: raster order, as at the end of the anneal
+    codes = torch.randint(0, 32, (4, 16))
+    labels = torch.tensor([0, 1, 2, 3])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = model.loss(codes, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    out = generate(model.eval(), labels, SamplingConfig(cfg_scale=1.0, top_k=1), torch.Generator().manual_seed(0))
+    assert torch.equal(out, codes)

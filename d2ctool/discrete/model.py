@@ -54,6 +54,12 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return rotated.flatten(3).type_as(x)
 
 
+def drop_labels(labels: torch.Tensor, probability: float, null_class: int) -> torch.Tensor:
+    """Replace a `probability` fraction of labels by the null class (training, for classifier-free guidance)."""
+    drop = torch.rand(labels.shape, device=labels.device) < probability
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cache: tuple[torch.Tensor, torch.Tensor] | None, positions: torch.Tensor | None,
                      dropout: float = 0.0) -> torch.Tensor:
@@ -152,11 +158,6 @@ class GPT(nn.Module):
     def null_class(self) -> int:
         return self.cfg.num_classes
 
-    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """Replace a `class_dropout` fraction of labels by the null class (training only)."""
-        drop = torch.rand(labels.shape, device=labels.device) < self.cfg.class_dropout
-        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
-
     def _run(self, h: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         rope = self.rope[: h.shape[1]] if positions is None else self.rope[positions]
         for layer in self.layers:
@@ -172,7 +173,7 @@ class GPT(nn.Module):
         In training mode the labels are dropped to the null class with probability `class_dropout`.
         """
         if self.training and self.cfg.class_dropout > 0:
-            labels = self.drop_labels(labels)
+            labels = drop_labels(labels, self.cfg.class_dropout, self.null_class)
         h = torch.cat([self.cls_embedding.embedding_table(labels)[:, None], self.tok_embeddings(codes[:, :-1])], 1)
         return self._run(self.tok_dropout(h), None)
 

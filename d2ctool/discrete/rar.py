@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2ctool.discrete.config import RARConfig
-from d2ctool.discrete.model import causal_attention, new_cache
+from d2ctool.discrete.model import causal_attention, drop_labels, new_cache
 
 # The released tables have spare rows: position tables N + 1024, the adaLN step table N + 100.
 POSITION_ROWS_EXTRA = 1024
@@ -132,10 +132,6 @@ class RAR(nn.Module):
         """Labels (0..C, C = null) -> rows of the shared embedding table."""
         return labels + self.cfg.vocab_size + 1
 
-    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        drop = torch.rand(labels.shape, device=labels.device) < self.cfg.class_dropout
-        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
-
     def sample_orders(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """orders [B, N]: each row a random permutation with probability `random_ratio`, else raster order."""
         n = self.cfg.grid**2
@@ -164,7 +160,7 @@ class RAR(nn.Module):
         b, n = codes.shape
         if self.training:
             if self.cfg.class_dropout > 0:
-                labels = self.drop_labels(labels)
+                labels = drop_labels(labels, self.cfg.class_dropout, self.null_class)
             if orders is None:
                 orders = self.sample_orders(b, codes.device)
         if orders is None:
