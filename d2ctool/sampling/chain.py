@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from d2ctool.checkpoints import LoadedWeights
 from d2ctool.continuous.load import load_mar
 from d2ctool.continuous.sample import sample_latents
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.shards import read_npy
 from d2ctool.discrete.config import preset as stage1_preset
 from d2ctool.discrete.generate import generate
-from d2ctool.checkpoints import LoadedWeights
 from d2ctool.discrete.load import data_config, family, load_stage1
 from d2ctool.errors import UserError
 from d2ctool.sampling.config import SampleConfig
