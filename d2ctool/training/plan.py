@@ -252,7 +252,8 @@ def _memory(params: int, trainable: int, cost: StepCost, train: TrainConfig, per
     return memory
 
 
-def _schedule(stage: StagePlan, train: TrainConfig, recipe: Recipe, section: str) -> None:
+def _check_batch(train: TrainConfig, recipe: Recipe, section: str) -> int:
+    """The per-rank micro-batch; fails when the global batch cannot be split or makes no step."""
     plan = recipe.plan
     ranks_accum = plan.gpus * train.grad_accum
     if train.global_batch_size % ranks_accum:
@@ -261,12 +262,16 @@ def _schedule(stage: StagePlan, train: TrainConfig, recipe: Recipe, section: str
                         f"multiple of {ranks_accum}")
     per_rank = train.global_batch_size // ranks_accum
     # the reader gives every rank train_images // gpus samples and drops the last partial batch
-    batches = plan.train_images // plan.gpus // per_rank
-    if batches < train.grad_accum:
+    if plan.train_images // plan.gpus // per_rank < train.grad_accum:
         raise UserError(f"{section}: {plan.train_images} images over {plan.gpus} GPUs make no full step of "
                         f"{per_rank} × {train.grad_accum} per rank; lower {section}.train.global_batch_size")
+    return per_rank
+
+
+def _schedule(stage: StagePlan, train: TrainConfig, recipe: Recipe, section: str) -> None:
+    per_rank = _check_batch(train, recipe, section)
     stage.per_rank_batch = per_rank
-    stage.steps_per_epoch = batches // train.grad_accum
+    stage.steps_per_epoch = recipe.plan.train_images // recipe.plan.gpus // per_rank // train.grad_accum
     stage.steps = train.steps
     stage.epochs = train.steps / stage.steps_per_epoch
     stage.images = train.steps * train.global_batch_size
@@ -291,6 +296,8 @@ def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False)
     """Validate `recipe` and estimate every stage it runs; see the module docstring."""
     mode = recipe.sample.mode
     stages_run = STAGES[mode]
+    for section in stages_run:  # the cheap checks first
+        _check_batch(getattr(recipe, section).train, recipe, section)
     tok = recipe.tokenizers
     res = recipe.encode.resolution
     inputs = {"tokenizers.vq.checkpoint": _need(tok.vq.checkpoint, "tokenizers.vq.checkpoint",
