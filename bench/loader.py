@@ -96,8 +96,9 @@ def epoch(root: Path, workers: int, batch: int, log_dir: Path) -> dict:
     seconds = time.perf_counter() - start
     main_rest = rchar() - main_start - main_index
     worker_bytes = [json.loads(f.read_text()) for f in log_dir.glob("*.json")]
-    if workers == 0:
-        main_rest -= sum(worker_bytes)  # the main process did the reading itself: count it once
+    # the kernel adds a reaped child's counters to its parent's, and without workers the main process read
+    # the data itself: either way the workers' bytes are in the main process's count once already
+    main_rest -= sum(worker_bytes)
     return {"workers": workers, "batches": batches, "samples": batches * batch, "seconds": round(seconds, 2),
             "samples_per_s": round(batches * batch / seconds, 1), "index_bytes": main_index,
             "worker_bytes": sorted(worker_bytes), "shard_bytes_read": main_index + sum(worker_bytes),
