@@ -130,3 +130,39 @@ def test_cli_prints_the_plan_and_fails_in_one_line(tmp_path):
     proc = run_d2c("plan", REPO / "recipes" / "imagenet256" / "mar-b.yaml", "--set", "plan.gpus=6")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "does not divide" in proc.stderr
+
+
+def test_trace_step_counts_flops_and_saved_activations_by_hand():
+    """Three Linear(8, 8) blocks: each saves its input (weights are not activations); backward computes the
+    weight gradients of all three and the input gradients of the last two."""
+    import torch
+    from torch import nn
+
+    from d2ctool.training.plan import trace_step
+
+    with torch.device("meta"):
+        model = nn.Module()
+        model.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+    x = torch.zeros(5, 8, device="meta")
+
+    def step():
+        h = x
+        for block in model.blocks:
+            h = block(h)
+        return h.sum()
+
+    cost = trace_step(model, step, 5)
+    assert cost.forward_flops == 3 * 2 * 8 * 8
+    assert cost.train_flops == 3 * 2 * 8 * 8 + 3 * 2 * 8 * 8 + 2 * 2 * 8 * 8
+    assert cost.activations == 3 * 8 * 4  # bytes per image
+    # checkpointed: the block inputs are kept, and one block's saved tensors exist at a time in backward
+    assert cost.activations_checkpointed == 3 * 8 * 4 + 8 * 4
+
+
+def test_plan_gpus_are_the_config_choices():
+    import typing
+
+    from d2ctool.training.config import PlanConfig
+    from d2ctool.training.plan import GPUS
+
+    assert set(typing.get_args(typing.get_type_hints(PlanConfig)["gpu"])) == set(GPUS)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.shards import load_manifest, read_npy
-from d2ctool.discrete.config import DiscreteConfig, preset
+from d2ctool.discrete.config import DiscreteConfig, GPTConfig, preset
 from d2ctool.discrete.generate import generate
 from d2ctool.discrete.load import data_config, load_gpt
 from d2ctool.discrete.model import GPT
@@ -26,6 +26,16 @@ from d2ctool.training.trainer import Trainer, TrainResult
 from d2ctool.visual import save_grid, to_uint8
 
 ENCODED = "d2c-encoded-shards"
+
+
+def model_config_for_data(cfg: DiscreteConfig, manifest: dict) -> GPTConfig:
+    """The preset with the data's vocabulary (the VQ codebook), token grid and classes, and the recipe's dropouts."""
+    model_cfg = data_config(preset(cfg.model), manifest["tokenizers"]["vq"]["codebook_size"], manifest["grid"][0],
+                            len(manifest["classes"]))
+    model_cfg = dataclasses.replace(model_cfg, class_dropout=cfg.class_dropout, token_dropout=cfg.token_dropout,
+                                    resid_dropout=cfg.resid_dropout, ffn_dropout=cfg.ffn_dropout)
+    model_cfg.check()
+    return model_cfg
 
 
 class DiscreteTask:
@@ -38,10 +48,7 @@ class DiscreteTask:
         self.manifest = load_manifest(cfg.data, ENCODED)
         vq = self.manifest["tokenizers"]["vq"]
         self.classes = self.manifest["classes"]
-        model_cfg = data_config(preset(cfg.model), vq["codebook_size"], self.manifest["grid"][0], len(self.classes))
-        model_cfg = dataclasses.replace(model_cfg, class_dropout=cfg.class_dropout, token_dropout=cfg.token_dropout,
-                                        resid_dropout=cfg.resid_dropout, ffn_dropout=cfg.ffn_dropout)
-        model_cfg.check()
+        model_cfg = model_config_for_data(cfg, self.manifest)
         self.model_config = dataclasses.asdict(model_cfg)
         self._model_cfg = model_cfg
         self._vq_record = vq

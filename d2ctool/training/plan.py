@@ -37,8 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from d2ctool.continuous.load import PRESETS as MAR_PRESETS
 from d2ctool.continuous.model import MAR, MASK_RATIO_STD
 from d2ctool.continuous.train import model_config_for_data
+from d2ctool.discrete.train import model_config_for_data as discrete_config_for_data
 from d2ctool.discrete.config import preset as gpt_preset
-from d2ctool.discrete.load import data_config
 from d2ctool.discrete.model import GPT
 from d2ctool.errors import UserError
 from d2ctool.recipe import Recipe
@@ -337,8 +337,7 @@ def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False)
                 raise UserError(f"discrete.init loads {cfg.model} weights with a vocabulary of {native.vocab_size} "
                                 f"codes, but tokenizer {tok.vq.preset} has {vq_cfg.codebook_size}: pair the "
                                 "checkpoint with the tokenizer it was trained on")
-        model_cfg = data_config(native, vq_cfg.codebook_size, grid, num_classes)
-        model_cfg.check()
+        model_cfg = discrete_config_for_data(cfg, manifest)
         with torch.device("meta"):
             model = GPT(model_cfg).train()
         stage = StagePlan("train-discrete", cfg.model, *_count(model), 0.0)
