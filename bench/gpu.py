@@ -107,16 +107,19 @@ class Bench:
         self.results.append(record)
         print(json.dumps(record), flush=True)
 
+    def gpt_model(self) -> GPT:
+        return GPT(data_config(gpt_preset(self.s["gpt"]), self.vocab, self.grid, self.s["classes"]))
+
+    def mar_model(self, fusion: str):
+        return build_mar(mar_config(self.s["mar"], {
+            "fusion": fusion, "latent_channels": self.channels, "latent_size": self.grid, "code_vocab": self.vocab,
+            "code_size": self.grid, "num_classes": self.s["classes"], "num_sampling_steps": self.s["diffusion_steps"]}))
+
     def gpt(self) -> GPT:
-        cfg = data_config(gpt_preset(self.s["gpt"]), self.vocab, self.grid, self.s["classes"])
-        return GPT(cfg).to(self.device)
+        return self.gpt_model().to(self.device)
 
     def mar(self, fusion: str):
-        cfg = mar_config(self.s["mar"], {"fusion": fusion, "latent_channels": self.channels, "latent_size": self.grid,
-                                         "code_vocab": self.vocab, "code_size": self.grid,
-                                         "num_classes": self.s["classes"],
-                                         "num_sampling_steps": self.s["diffusion_steps"]})
-        return build_mar(cfg).to(self.device)
+        return self.mar_model(fusion).to(self.device)
 
     def batch(self, n: int, generator: torch.Generator):
         d, g = self.device, self.grid
@@ -127,15 +130,10 @@ class Bench:
     def train_flops(self, kind: str, fusion: str = "none") -> float:
         """Training FLOPs per image of the model at this size, counted on the meta device (as `d2c plan`)."""
         with torch.device("meta"):
-            model = (GPT(data_config(gpt_preset(self.s["gpt"]), self.vocab, self.grid, self.s["classes"])) if kind == "gpt"
-                     else self.mar_meta(fusion)).train()
+            model = (self.gpt_model() if kind == "gpt" else self.mar_model(fusion)).train()
         step = gpt_step(model, 2) if kind == "gpt" else mar_step(model, 2)
         return trace_step(model, step, 2).train_flops
 
-    def mar_meta(self, fusion):
-        return build_mar(mar_config(self.s["mar"], {"fusion": fusion, "latent_channels": self.channels,
-                                                    "latent_size": self.grid, "code_vocab": self.vocab,
-                                                    "code_size": self.grid, "num_classes": self.s["classes"]}))
 
     # ----- items ---------------------------------------------------------------------------------------
     def train(self, kind: str, fusion: str, compiled: bool) -> dict:
@@ -221,7 +219,8 @@ class Bench:
             latents, labels, codes = self.batch(8, torch.Generator(self.device).manual_seed(0))
             losses = []
             for bf16 in (False, True):
-                with torch.no_grad(), (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()):
+                autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+                with torch.no_grad(), autocast:
                     if kind == "gpt":
                         logits = model(codes, labels)
                         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), codes.reshape(-1))

@@ -166,3 +166,10 @@ def test_plan_gpus_are_the_config_choices():
     from d2ctool.training.plan import GPUS
 
     assert set(typing.get_args(typing.get_type_hints(PlanConfig)["gpu"])) == set(GPUS)
+
+
+def test_sampling_inputs_must_be_named():
+    with pytest.raises(UserError, match="sample.continuous is not set"):
+        _plan("d2c-b-add.yaml", "sample.continuous=null")
+    with pytest.raises(UserError, match="sample.mode oracle-codes conditions stage 2 on discrete codes"):
+        _plan("mar-b.yaml", "sample.mode=oracle-codes", "sample.oracle_data=/x")

@@ -97,6 +97,12 @@ class ShardReader:
             return list(range(len(self.counts)))
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.counts)).tolist()
 
+    def _mixed(self, stream):
+        """The local shuffle buffer over a stream (of samples, or of their positions: the same order)."""
+        if not (self.shuffle and self.shuffle_buffer > 1):
+            return stream
+        return _buffer_shuffle(stream, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, self.rank]))
+
     def shard_path(self, shard: int) -> Path:
         return self.root / self.manifest["shards"][shard]["file"]
 
@@ -105,8 +111,7 @@ class ShardReader:
         The same order as `raw()`."""
         pieces = split_stream(self.counts, self.shard_order(), self.rank, self.world)
         stream = ((shard, i) for shard, start, stop in pieces for i in range(start, stop))
-        if self.shuffle and self.shuffle_buffer > 1:
-            stream = _buffer_shuffle(stream, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, self.rank]))
+        stream = self._mixed(stream)
         return list(stream)[self.skip:]
 
     def raw(self) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -114,8 +119,7 @@ class ShardReader:
         pieces = split_stream(self.counts, self.shard_order(), self.rank, self.world)
         stream = (s for shard, start, stop in pieces
                   for s in iter_tar(self.root / self.manifest["shards"][shard]["file"], start, stop))
-        if self.shuffle and self.shuffle_buffer > 1:
-            stream = _buffer_shuffle(stream, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, self.rank]))
+        stream = self._mixed(stream)
         for index, sample in enumerate(stream):
             if index >= self.skip:
                 yield sample

@@ -298,6 +298,12 @@ def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False)
     stages_run = STAGES[mode]
     for section in stages_run:  # the cheap checks first
         _check_batch(getattr(recipe, section).train, recipe, section)
+    for section in stages_run:
+        _need(getattr(recipe.sample, section), f"sample.{section}",
+              f"sample.mode {mode} samples from the {section} stage's run folder (its {section}.out)")
+    if mode == "oracle-codes":
+        _need(recipe.sample.oracle_data, "sample.oracle_data",
+              "oracle-codes conditions stage 2 on encoded shards' real codes")
     tok = recipe.tokenizers
     res = recipe.encode.resolution
     inputs = {"tokenizers.vq.checkpoint": _need(tok.vq.checkpoint, "tokenizers.vq.checkpoint",
@@ -319,8 +325,9 @@ def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False)
     stages: list[StagePlan] = []
     notes: list[str] = []
 
+    both_views = 2 * (tokenizer_forward_flops("vq", vq, res) + tokenizer_forward_flops("kl", kl, res))
     encode = StagePlan("encode", f"{tok.vq.preset} + {tok.kl.preset}", *map(sum, zip(_count(vq), _count(kl))),
-                       forward_flops=2 * (tokenizer_forward_flops("vq", vq, res) + tokenizer_forward_flops("kl", kl, res)))
+                       forward_flops=both_views)
     encode.images = recipe.plan.train_images
     encode.notes.append("each image is encoded with its h-flip: FLOPs per image count both views")
     _time(encode, encode.forward_flops, recipe)
@@ -352,8 +359,8 @@ def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False)
         if mode == "continuous-only" and cfg.fusion != "none":
             raise UserError(f"sample.mode continuous-only is the MAR baseline: it needs continuous.fusion none, "
                             f"got {cfg.fusion}")
-        if mode == "two-stage" and cfg.fusion == "none":
-            raise UserError("sample.mode two-stage conditions stage 2 on stage-1 codes: continuous.fusion must not "
+        if mode in ("two-stage", "oracle-codes") and cfg.fusion == "none":
+            raise UserError(f"sample.mode {mode} conditions stage 2 on discrete codes: continuous.fusion must not "
                             "be none")
         # traced without checkpointing: the checkpointed memory is derived from the per-block measurements
         model_cfg = dataclasses.replace(model_config_for_data(cfg, manifest), grad_checkpointing=False)
