@@ -85,7 +85,6 @@ def test_mean_mask_ratio():
      "discrete.init loads gpt-b weights with a vocabulary of 16384 codes, but tokenizer vq-tiny-s4 has 512"),
     (["tokenizers.vq.checkpoint=null"], "tokenizers.vq.checkpoint is not set"),
     (["discrete.data=null"], "discrete.data is not set"),
-    (["sample.image_size=384"], "sample.image_size 384 differs from encode.resolution 256"),
 ])
 def test_recipes_that_cannot_work_fail(overrides, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -166,6 +165,14 @@ def test_plan_gpus_are_the_config_choices():
     from d2ctool.training.plan import GPUS
 
     assert set(typing.get_args(typing.get_type_hints(PlanConfig)["gpu"])) == set(GPUS)
+
+
+def test_the_tiny_recipe_plans_too():
+    plan = plan_recipe(load_recipe(REPO / "recipes" / "tiny.yaml", ["plan.train_images=1000", "plan.gpus=1",
+                                                                     "plan.num_classes=10"]), "tiny")
+    assert [s.name for s in plan.stages] == ["encode", "train-discrete", "train-continuous"]
+    assert plan.stages[1].steps_per_epoch == 1000 // 32
+    assert any("sample.image_size 256 differs from encode.resolution 32" in n for n in plan.notes)
 
 
 def test_sampling_inputs_must_be_named():

@@ -314,9 +314,6 @@ def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False)
     with torch.device("meta"):
         vq, kl = build_tokenizer("vq", vq_cfg).eval(), build_tokenizer("kl", kl_cfg).eval()
     grid = check_grids(res, vq, kl, tok.vq.preset, tok.kl.preset)
-    if recipe.sample.image_size != res:
-        raise UserError(f"sample.image_size {recipe.sample.image_size} differs from encode.resolution {res}: the "
-                        "models are trained on the token grid of encode.resolution")
     num_classes = recipe.plan.num_classes
     # what `d2c encode` would write into its manifest
     manifest = {"grid": [grid, grid], "classes": [str(i) for i in range(num_classes)],
@@ -382,8 +379,11 @@ def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False)
     if s.classes is None and s.num_images % num_classes:
         notes.append(f"sample.num_images {s.num_images} is not a multiple of {num_classes} classes: the evaluation "
                      "set is not exactly class-balanced")
-    notes.append(f"evaluation: {s.num_images} samples ({mode}), FID against VIRTUAL_imagenet256_labeled.npz "
-                 "(`d2c fid --ref`); sampling cost is measured by bench/gpu.py, not estimated here")
+    if "discrete" in stages_run and s.image_size != res:  # read only for official stage-1 files
+        notes.append(f"sample.image_size {s.image_size} differs from encode.resolution {res}: an official stage-1 "
+                     "file in sample.discrete would get the wrong token grid")
+    notes.append(f"evaluation: {s.num_images} samples ({mode}), then `d2c fid --ref` (ImageNet 256: ADM's "
+                 "VIRTUAL_imagenet256_labeled.npz); sampling cost is measured by bench/gpu.py, not estimated here")
     missing = [f"{key}: {path}" for key, path in inputs.items() if not Path(path).is_file()]
     if check_paths and missing:
         raise UserError(f"{name}: input file(s) missing: {'; '.join(missing)}")
