@@ -42,6 +42,8 @@ bench: install
 	$(BIN)/python bench/discrete.py
 	$(BIN)/python bench/continuous.py
 	$(BIN)/python bench/fid.py
+	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/gpu.py
 
 clean:
 	rm -rf $(RUN)

@@ -178,6 +178,26 @@ def sample(
     print(f"sample: {result.num_images} images -> {out} ({result.images_per_second:.2f} images/s on this rank; {split})")
 
 
+@app.command(epilog="Examples:\n\n  d2c plan recipes/imagenet256/mar-b.yaml\n\n"
+                    "  d2c plan recipes/imagenet256/d2c-b-add.yaml --set plan.gpus=32 --set plan.gpu=a100 --check-paths")
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file to check.")],
+    set_: SetOption = None,
+    check_paths: Annotated[bool, typer.Option("--check-paths", help="Fail when an input file the recipe names "
+                                                                    "(tokenizer or init checkpoint) does not exist.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
+):
+    """Check a recipe and estimate its cost per stage (parameters, FLOPs, steps, memory, GPU-hours) without data."""
+    from d2ctool.io import write_json
+    from d2ctool.training.plan import format_plan, plan_dict, plan_recipe
+
+    recipe_cfg = _recipe(recipe, set_, "plan")
+    result = plan_recipe(recipe_cfg, str(recipe), check_paths)
+    print(format_plan(result))
+    if json_out is not None:
+        write_json(json_out, plan_dict(result))
+
+
 def _report_training(command: str, result) -> None:
     from d2ctool.distributed import rank_and_world
 

@@ -32,6 +32,24 @@ from d2ctool.visual import save_grid, to_uint8
 ENCODED = "d2c-encoded-shards"
 
 
+def model_config_for_data(cfg: DiscreteConfig, manifest: dict):
+    """The preset (GPT or RAR) with the data's vocabulary (the VQ codebook), token grid and classes, and the
+    recipe's dropouts."""
+    model_cfg = data_config(preset(cfg.model), manifest["tokenizers"]["vq"]["codebook_size"], manifest["grid"][0],
+                            len(manifest["classes"]))
+    dropouts = {"class_dropout": cfg.class_dropout, "resid_dropout": cfg.resid_dropout, "ffn_dropout": cfg.ffn_dropout}
+    if family(model_cfg) == "rar":
+        dropouts["attn_dropout"] = cfg.attn_dropout
+        if cfg.permutation.anneal_end < cfg.permutation.anneal_start:
+            raise UserError(f"discrete.permutation: anneal_end {cfg.permutation.anneal_end} comes before "
+                            f"anneal_start {cfg.permutation.anneal_start}")
+    else:
+        dropouts["token_dropout"] = cfg.token_dropout
+    model_cfg = dataclasses.replace(model_cfg, **dropouts)
+    model_cfg.check()
+    return model_cfg
+
+
 class DiscreteTask:
     name = "train-discrete"
 
@@ -42,18 +60,7 @@ class DiscreteTask:
         self.manifest = load_manifest(cfg.data, ENCODED)
         vq = self.manifest["tokenizers"]["vq"]
         self.classes = self.manifest["classes"]
-        model_cfg = data_config(preset(cfg.model), vq["codebook_size"], self.manifest["grid"][0], len(self.classes))
-        dropouts = {"class_dropout": cfg.class_dropout, "resid_dropout": cfg.resid_dropout,
-                    "ffn_dropout": cfg.ffn_dropout}
-        if family(model_cfg) == "rar":
-            dropouts["attn_dropout"] = cfg.attn_dropout
-            if cfg.permutation.anneal_end < cfg.permutation.anneal_start:
-                raise UserError(f"discrete.permutation: anneal_end {cfg.permutation.anneal_end} comes before "
-                                f"anneal_start {cfg.permutation.anneal_start}")
-        else:
-            dropouts["token_dropout"] = cfg.token_dropout
-        model_cfg = dataclasses.replace(model_cfg, **dropouts)
-        model_cfg.check()
+        model_cfg = model_config_for_data(cfg, self.manifest)
         cfg.sampling.resolved()  # an unknown sampling preset fails now, not at the first grid
         self.model_config = model_record(model_cfg)
         self._model_cfg = model_cfg
