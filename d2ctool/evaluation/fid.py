@@ -20,6 +20,7 @@ from d2ctool.evaluation.cache import FeatureCache, make_cache
 from d2ctool.evaluation.features import RANDOM_LABEL, Extractor, Features, extractor_label, full_float32
 from d2ctool.evaluation.inputs import ImageSet, ReferenceNpz, load_reference_npz, open_images
 from d2ctool.evaluation.reference import cached_reference, extract_features, versions
+from d2ctool.evaluation.weights import WEIGHTS_FILE
 from d2ctool.io import sha256_file, write_json
 from d2ctool.progress import info
 
@@ -137,8 +138,7 @@ def compute_metrics(samples: Features, ref: RefFeatures, *, is_split_size: int =
         out["inception_score"] = M.inception_score(samples.logits, is_split_size)
     else:
         out["inception_score"] = None
-        out["inception_score_reason"] = ("no logits: the Inception weights have no (or a placeholder) logits layer; "
-                                         "NVIDIA's inception-2015-12-05.pt has it")
+        out["inception_score_reason"] = "no logits: the Inception weights have no logits layer"
     if ref.pool is not None and len(ref.pool) > k and len(samples) > k:
         out["precision"], out["recall"] = M.precision_recall(ref.pool, samples.pool, k, pr_batch_size, device)
     else:
@@ -202,6 +202,9 @@ def run_fid(samples_path: str | Path, ref_path: str | Path, cfg, out: str | Path
         values = compute_metrics(sample_feats, ref, is_split_size=cfg.is_split_size, k=cfg.pr_k,
                                  pr_batch_size=cfg.pr_batch_size, device=extractor.device)
 
+    if values["inception_score"] is None and extractor.weights is not None:
+        values["inception_score_reason"] = (f"no logits: {extractor.weights.logits_note}; NVIDIA's {WEIGHTS_FILE} "
+                                            "has them (see --inception-weights)")
     notes = []
     if len(samples) != ADM_NUM_SAMPLES:
         notes.append(f"{len(samples)} samples; the papers' protocol uses {ADM_NUM_SAMPLES:,} class-balanced samples "

