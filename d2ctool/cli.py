@@ -186,8 +186,8 @@ def _report_training(command: str, result) -> None:
         extra = "".join(f"; {k} {v}" for k, v in result.summary.items())
         print(f"{command}: {result.step} steps{resumed} -> {result.run_dir}{extra}")
 FeaturesOption = Annotated[Optional[str], typer.Option(
-    "--features", help="Extractor: inception (clean-fid's TF-compatible Inception, the default) or inception-random "
-                       "(random weights: tests and CPU demo only, numbers not comparable).")]
+    "--features", help="Extractor: inception (the 2015-12-05 FID Inception, the default) or inception-random "
+                       "(random weights: unit tests only, numbers not comparable).")]
 ModeOption = Annotated[Optional[str], typer.Option(
     "--mode", help="Preprocessing: legacy_tensorflow (default; matches the ADM evaluator's TF graph) or clean.")]
 WeightsOption = Annotated[Optional[Path], typer.Option(

@@ -171,7 +171,7 @@ def test_fid_cli_path_equals_independent_fid_and_is_is_null(sets, monkeypatch):
 
 # ---------------------------------------------------------------- formats, pins, tampering
 
-def test_every_accepted_format_loads_and_unknown_files_are_flagged(tmp_path, helper_state, helper_file):
+def test_every_accepted_format_loads_and_unknown_files_are_flagged(tmp_path, helper_state, helper_file, capsys):
     layers = {k: v for k, v in helper_state.items() if k.startswith("layers.")}
     gen = torch.Generator().manual_seed(0)
     output = {"output.weight": torch.randn(1008, 2048, generator=gen) / 45, "output.bias": torch.zeros(1008)}
@@ -209,7 +209,9 @@ def test_every_accepted_format_loads_and_unknown_files_are_flagged(tmp_path, hel
     tampered["layers.mixed_5.conv.weight"] = tampered["layers.mixed_5.conv.weight"].clone()
     tampered["layers.mixed_5.conv.weight"][0, 0, 0, 0] += 1e-3
     torch.save(tampered, tmp_path / "tampered.pt")
+    capsys.readouterr()
     ext = Extractor("inception", weights=str(tmp_path / "tampered.pt"), device="cpu")
+    assert "tampered.pt: unknown Inception weights" in capsys.readouterr().err
     assert not ext.verified and not ext.describe()["verified"] and "UNVERIFIED" in ext.label()
     reasons = comparability(ext, 50_000, {"kind": "npz", "d2c_meta": False,
                                           "statistics": "stored mu/sigma of the reference file"})
