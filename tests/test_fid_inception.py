@@ -213,9 +213,13 @@ def test_every_accepted_format_loads_and_unknown_files_are_flagged(tmp_path, hel
     ext = Extractor("inception", weights=str(tmp_path / "tampered.pt"), device="cpu")
     assert "tampered.pt: unknown Inception weights" in capsys.readouterr().err
     assert not ext.verified and not ext.describe()["verified"] and "UNVERIFIED" in ext.label()
-    reasons = comparability(ext, 50_000, {"kind": "npz", "d2c_meta": False,
-                                          "statistics": "stored mu/sigma of the reference file"})
-    assert reasons == ["Inception weights not verified (feature tensors differ from the pinned ones)"]
+    adm_batch = {"kind": "npz", "d2c_meta": False, "statistics": "stored mu/sigma of the reference file"}
+    assert comparability(ext, 50_000, adm_batch) == \
+        ["Inception weights not verified (feature tensors differ from the pinned ones)"]
+    real = Extractor("inception", weights=str(helper_file), device="cpu")
+    assert comparability(real, 50_000, adm_batch) == []  # the published protocol, with the pinned weights
+    assert comparability(real, 50_000, {**adm_batch, "d2c_meta": True}) == \
+        ["reference is not an ADM reference batch's stored statistics"]
 
 
 def test_bad_weight_files_say_what_is_wrong_with_them(tmp_path, helper_state):
