@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from d2ctool.errors import UserError
+from d2ctool.errors import UserError, describe_os_error, one_line
 
 app = typer.Typer(
     help="d2c: train and evaluate two-stage discrete -> continuous autoregressive image generators (D2C, DisCon).",
@@ -271,8 +271,11 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a full disk, a read-only or vanished folder: the user's to fix, not a bug
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
         sys.exit(130)

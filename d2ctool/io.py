@@ -13,6 +13,21 @@ import os
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+# Fault injection for tests: with D2C_KILL_AT_WRITE=k the process SIGKILLs itself at the k-th write event
+# (each atomic write has two: the temporary file complete, then renamed into place). Deterministic, unlike timing.
+_KILL_AT = os.environ.get("D2C_KILL_AT_WRITE")
+_write_events = 0
+
+
+def write_event() -> None:
+    global _write_events
+    if _KILL_AT is None:
+        return
+    _write_events += 1
+    if _write_events == int(_KILL_AT):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -24,9 +39,11 @@ def atomic_path(path: str | Path):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        write_event()
         os.replace(tmp, path)
+        write_event()
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):  # the folder may be gone (deleted mid-run): nothing left to clean
             tmp.unlink()
 
 
@@ -41,6 +58,30 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Create `folder` if needed and prove a file can be written in it, before any expensive work.
+
+    A read-only, full or forbidden location fails here with a one-line error instead of at the final write.
+    """
+    from d2ctool.errors import UserError, describe_os_error
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".d2c-write-probe.{os.getpid()}{TMP_SUFFIX}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"d2c")
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write output to {folder}: {describe_os_error(e)}") from None
+    return folder
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

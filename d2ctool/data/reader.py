@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from d2ctool.data.members import SampleCheck, decode_failure
 from d2ctool.data.shards import iter_tar, load_manifest
 from d2ctool.distributed import rank_and_world
 
@@ -31,10 +32,16 @@ class Sample:
     members: dict[str, bytes]  # every raw tar member of the sample, by extension
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode stored image bytes to RGB (grayscale, CMYK and palette convert; alpha is dropped)."""
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
+def decode_image(data: bytes, where: str | None = None) -> Image.Image:
+    """Decode stored image bytes to RGB (grayscale, CMYK and palette convert; alpha is dropped).
+
+    Bytes that do not decode are a UserError naming the sample (`where`, else the one last read).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise decode_failure(e, where) from None
 
 
 def image_member(members: dict[str, bytes]) -> bytes:
@@ -80,6 +87,7 @@ class ShardReader:
             raise ValueError(f"rank {self.rank} outside world size {self.world}")
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
         self.shuffle_buffer, self.skip = shuffle_buffer, skip
+        self.check = SampleCheck(self.manifest, self.root)
         self.counts = [s["samples"] for s in self.manifest["shards"]]
         self.classes: list[str] = self.manifest["classes"]
 
@@ -94,13 +102,14 @@ class ShardReader:
     def raw(self) -> Iterator[tuple[str, dict[str, bytes]]]:
         """Undecoded (key, members) of this rank's slice, shuffled if asked, after `skip`."""
         pieces = split_stream(self.counts, self.shard_order(), self.rank, self.world)
-        stream = (s for shard, start, stop in pieces
-                  for s in iter_tar(self.root / self.manifest["shards"][shard]["file"], start, stop))
+        files = [self.root / entry["file"] for entry in self.manifest["shards"]]
+        stream = ((files[shard], *s) for shard, start, stop in pieces for s in iter_tar(files[shard], start, stop))
         if self.shuffle and self.shuffle_buffer > 1:
             stream = _buffer_shuffle(stream, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, self.rank]))
-        for index, sample in enumerate(stream):
+        for index, (file, key, members) in enumerate(stream):
             if index >= self.skip:
-                yield sample
+                self.check(file, key, members)  # every sample is validated here, before anything decodes it
+                yield key, members
 
     def __iter__(self) -> Iterator[Sample]:
         for key, members in self.raw():
