@@ -41,7 +41,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), section: str
         if not path.is_file():
             raise ConfigError(f"recipe not found: {path} (see recipes/ for examples)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
         if not isinstance(data, dict):
