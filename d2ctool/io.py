@@ -14,17 +14,22 @@ from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
 # Fault injection for tests: with D2C_KILL_AT_WRITE=k the process SIGKILLs itself at the k-th write event
-# (each atomic write has two: the temporary file complete, then renamed into place). Deterministic, unlike timing.
+# (each atomic write has two: the temporary file complete, then renamed into place; a metrics line is one),
+# which is deterministic, unlike killing after a delay. D2C_WRITE_LOG=FILE lists the events, one a line.
 _KILL_AT = os.environ.get("D2C_KILL_AT_WRITE")
+_LOG = os.environ.get("D2C_WRITE_LOG")
 _write_events = 0
 
 
-def write_event() -> None:
+def write_event(path: str | Path, phase: str) -> None:
     global _write_events
-    if _KILL_AT is None:
+    if _KILL_AT is None and _LOG is None:
         return
     _write_events += 1
-    if _write_events == int(_KILL_AT):
+    if _LOG:
+        with open(_LOG, "a") as f:
+            f.write(f"{_write_events} {phase} {path}\n")
+    if _KILL_AT is not None and _write_events == int(_KILL_AT):
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
@@ -39,9 +44,9 @@ def atomic_path(path: str | Path):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        write_event()
+        write_event(path, "written")
         os.replace(tmp, path)
-        write_event()
+        write_event(path, "renamed")
     finally:
         with contextlib.suppress(OSError):  # the folder may be gone (deleted mid-run): nothing left to clean
             tmp.unlink()

@@ -330,7 +330,7 @@ class Trainer:
                               "samples_per_s": round(window_samples / elapsed, 2)}
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
-                    write_event()
+                    write_event(metrics_path, "appended")
                     window_start, window_samples = time.perf_counter(), 0
                 if step % cfg.ckpt_every == 0 or step == cfg.steps:
                     rngs = _gather(_rng_state(device), world)

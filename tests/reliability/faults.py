@@ -1,0 +1,46 @@
+"""Helpers for the planted-fault tests (tests/reliability/): run the CLI in-process (so faults can be injected with monkeypatch)
+and copy the session's tiny shard folders so a test may damage its own copy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """`d2c ARGS` through the real entry point: (exit code, stderr). Never raises."""
+    from d2ctool.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["d2c", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
+    assert code != 0, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def copy_folder(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".d2c-lock"))
+    return dst
+
+
+def rewrite_manifest(folder: Path, change) -> dict:
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+    return manifest
+
+
