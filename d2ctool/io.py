@@ -16,20 +16,19 @@ TMP_SUFFIX = ".tmp"
 # Fault injection for tests: with D2C_KILL_AT_WRITE=k the process SIGKILLs itself at the k-th write event
 # (each atomic write has two: the temporary file complete, then renamed into place; a metrics line is one),
 # which is deterministic, unlike killing after a delay. D2C_WRITE_LOG=FILE lists the events, one a line.
-_KILL_AT = os.environ.get("D2C_KILL_AT_WRITE")
-_LOG = os.environ.get("D2C_WRITE_LOG")
 _write_events = 0
 
 
 def write_event(path: str | Path, phase: str) -> None:
     global _write_events
-    if _KILL_AT is None and _LOG is None:
+    kill_at, log = os.environ.get("D2C_KILL_AT_WRITE"), os.environ.get("D2C_WRITE_LOG")
+    if kill_at is None and log is None:
         return
     _write_events += 1
-    if _LOG:
-        with open(_LOG, "a") as f:
+    if log:
+        with open(log, "a") as f:
             f.write(f"{_write_events} {phase} {path}\n")
-    if _KILL_AT is not None and _write_events == int(_KILL_AT):
+    if kill_at is not None and _write_events == int(kill_at):
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)

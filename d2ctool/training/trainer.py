@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,11 +158,14 @@ class Trainer:
         step_file = self.ckpt_dir / f"step_{step:07d}.pt"
         with atomic_path(step_file) as tmp:
             torch.save(state, tmp)
+        self._point_last_at(step_file)
+
+    def _point_last_at(self, step_file: Path) -> None:
         with atomic_path(self.ckpt_dir / "last.pt") as tmp:
             try:
                 os.link(step_file, tmp)  # no second copy of the bytes
             except OSError:
-                torch.save(state, tmp)
+                shutil.copyfile(step_file, tmp)
 
     def _newest_checkpoint(self) -> Path | None:
         """last.pt, or a newer step_N.pt (a run killed between writing the two)."""
@@ -249,6 +253,8 @@ class Trainer:
             else:
                 _set_rng_state(ckpt["rng"][rank], device)
             resumed_from = step
+            if rank == 0 and last.name != "last.pt":  # killed between the step file and last.pt: finish that write
+                self._point_last_at(last)
             finished = self.run_dir / SUMMARY
             if step >= cfg.steps and finished.is_file() and json.loads(finished.read_text())["step"] == step:
                 if rank == 0:
