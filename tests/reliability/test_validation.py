@@ -72,3 +72,26 @@ def test_a_folder_stopped_before_any_piece_accepts_the_corrected_command(tmp_pat
     again = OutputFolder(tmp_path / "out", "encode", {"encode": {"resolution": 33}})
     with pytest.raises(Exception, match="made with different arguments"):  # once work is done, it is protected
         again.check()
+
+
+def test_fid_rejects_empty_images_and_wrong_dimension_statistics_before_extracting(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from PIL import Image
+
+    import d2ctool.evaluation.fid as fid_module
+
+    extracted = []
+    monkeypatch.setattr(fid_module, "extract_features", lambda *a, **k: extracted.append(1))
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(samples / f"{i:06d}.png")
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(64), sigma=np.eye(64))
+    code, err = run_cli(monkeypatch, capsys, "fid", samples, "--ref", tmp_path / "ref.npz", "--features",
+                        "inception-random")
+    assert_one_line_error(code, err, "ref.npz: mu/sigma have 64 dimensions", "2048")
+    (samples / "000003.png").write_bytes(b"")
+    code, err = run_cli(monkeypatch, capsys, "fid", samples, "--ref", tmp_path / "ref.npz", "--features",
+                        "inception-random")
+    assert_one_line_error(code, err, "000003.png: empty file (0 bytes)")
+    assert extracted == []
