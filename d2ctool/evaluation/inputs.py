@@ -265,7 +265,8 @@ class ShardImages(ImageSet):
 
         def decode(item):
             key, members = item
-            return _to_array(decode_image(image_member(members)), self.crop, f"{self.path}:{key}", expected)
+            return _to_array(decode_image(image_member(members), f"{self.path}, sample {key!r}"), self.crop,
+                             f"{self.path}:{key}", expected)
 
         return _decoded_batches(reader.raw(), decode, batch_size, self.workers)
 

@@ -38,6 +38,7 @@ from d2ctool.data.torch_dataset import ShardDataset
 from d2ctool.errors import UserError
 from d2ctool.io import atomic_path, write_event, write_json, write_text
 from d2ctool.progress import Progress, info
+from d2ctool.runstate import clean_temporaries, lock_output
 from d2ctool.training.config import TrainConfig
 
 CHECKPOINT_FORMAT = "d2c-train-checkpoint"
@@ -188,8 +189,8 @@ class Trainer:
 
     def _check_resume(self, ckpt: dict) -> None:
         if ckpt.get("task") != self.task.name:
-            raise UserError(f"{self.ckpt_dir} holds a checkpoint that belongs to `d2c {ckpt.get('task')}`, not `d2c {self.task.name}`;"
-                            " use another run folder")
+            raise UserError(f"{self.ckpt_dir} holds a checkpoint of `d2c {ckpt.get('task')}`, not `d2c {self.task.name}`; "
+                            "use another run folder")
         old, new = copy.deepcopy(ckpt.get("config") or {}), copy.deepcopy(self.resolved_config)
         for settings in (old, new):  # steps may grow and logistics may change; nothing else may
             settings["train"] = {k: v for k, v in settings.get("train", {}).items() if k not in RESUMABLE_CHANGES}
@@ -216,8 +217,6 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, task = self.cfg, self.task
-        from d2ctool.runstate import clean_temporaries, lock_output
-
         lock_output(self.run_dir)  # one writer per run folder; also proves it is writable before any work
         rank, world, device = distributed.init(cfg.device)
         if cfg.global_batch_size % (world * cfg.grad_accum):
@@ -263,6 +262,8 @@ class Trainer:
             if rank == 0:
                 info(f"{task.name}: resuming from step {step} ({last})")
                 self._trim_metrics(step)
+        elif rank == 0:
+            self._trim_metrics(0)  # lines of a run killed before its first checkpoint: logged again
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text(self.run_dir / "config.yaml", self.resolved_yaml)

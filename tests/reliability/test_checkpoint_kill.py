@@ -103,3 +103,14 @@ def test_a_kill_at_any_write_of_a_checkpoint_loses_nothing(tiny_data, reference,
         for key in ref[part]:
             assert torch.equal(ours[part][key], ref[part][key]), (part, key)
     assert (out / "summary.json").is_file()
+
+
+def test_metrics_of_a_run_killed_before_its_first_checkpoint_are_not_duplicated(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')  # the second cut by the kill
+    (out / ".config.yaml.123.tmp").write_text("partial")
+    train(tiny_data / "encoded", out)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2] and lines[0]["loss"] != 9.0
+    assert not (out / ".config.yaml.123.tmp").exists()
