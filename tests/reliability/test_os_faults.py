@@ -132,3 +132,32 @@ def test_training_run_folder_must_be_writable_before_the_model_is_built(tiny_dat
                         "--set", f"discrete.out={ro / 'run'}", "--set", "discrete.model=gpt-tiny")
     assert_one_line_error(code, err, str(ro / "run"), "Read-only file system")
     assert built == []
+
+
+def test_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(tiny_data, tmp_path, monkeypatch, capsys):
+    import torch
+
+    run = tmp_path / "run"
+    args = ["train-discrete", "--set", f"discrete.data={tiny_data / 'encoded'}", "--set", f"discrete.out={run}",
+            "--set", "discrete.model=gpt-tiny", "--set", "train.global_batch_size=8", "--set", "train.steps=2",
+            "--set", "train.ckpt_every=1", "--set", "train.num_workers=0", "--set", "train.sample_every=0"]
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:  # the checkpoint of step 2
+            with open(f, "wb") as out:
+                out.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    code, err = run_cli(monkeypatch, capsys, *args)
+    assert_one_line_error(code, err, "No space left on device", "step_0000002.pt")
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "step_0000001.pt"]  # no partial file
+    assert torch.load(ckpts / "last.pt", weights_only=True)["step"] == 1
+    monkeypatch.setattr(torch, "save", real_save)
+    code, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert torch.load(ckpts / "last.pt", weights_only=True)["step"] == 2
