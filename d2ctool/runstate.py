@@ -143,6 +143,11 @@ class OutputFolder:
         """Call before renaming the piece's file into place: file present => record present."""
         write_json(self._record_path(index), record)
 
+    def forget_pieces(self) -> None:
+        """Drop every piece's record: the next run redoes them all (e.g. after the source was fixed)."""
+        for path in self.state.glob("[0-9]*.json"):
+            path.unlink()
+
     def records(self, count: int) -> list[dict]:
         return [json.loads(self._record_path(i).read_text()) for i in range(count)]
 

@@ -1,5 +1,5 @@
-"""Helpers for the planted-fault tests (tests/reliability/): run the CLI in-process (so faults can be injected with monkeypatch)
-and copy the session's tiny shard folders so a test may damage its own copy."""
+"""Helpers for the planted-fault tests (tests/reliability/): run the CLI in-process (so faults can be injected
+with monkeypatch), and copies of the session's tiny shard folders that a test may damage."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import shutil
 import sys
 from pathlib import Path
+
+import pytest
 
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
     """`d2c ARGS` through the real entry point: (exit code, stderr). Never raises."""
@@ -44,3 +46,15 @@ def rewrite_manifest(folder: Path, change) -> dict:
     return manifest
 
 
+
+
+# Fixtures (imported by the test modules that use them: a conftest.py here would shadow tests/conftest.py,
+# which other test modules import by name).
+@pytest.fixture
+def image_shards(tiny_data, tmp_path) -> Path:
+    return copy_folder(tiny_data / "shards", tmp_path / "shards")
+
+
+@pytest.fixture
+def encoded_shards(tiny_data, tmp_path) -> Path:
+    return copy_folder(tiny_data / "encoded", tmp_path / "encoded")

@@ -13,7 +13,7 @@ from d2ctool.data.shards import iter_tar, npy_bytes, write_tar
 from d2ctool.errors import UserError
 from d2ctool.io import sha256_file
 
-from faults import assert_one_line_error, rewrite_manifest, run_cli
+from faults import assert_one_line_error, rewrite_manifest, run_cli, encoded_shards  # noqa: F401 (a fixture)
 
 ENCODED = "d2c-encoded-shards"
 

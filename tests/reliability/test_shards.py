@@ -14,7 +14,7 @@ from d2ctool.data.torch_dataset import decode_rgb
 from d2ctool.errors import UserError
 from d2ctool.io import sha256_file
 
-from faults import assert_one_line_error, rewrite_manifest, run_cli
+from faults import assert_one_line_error, rewrite_manifest, run_cli, image_shards  # noqa: F401 (a fixture)
 
 
 def first_shard(folder):

@@ -66,3 +66,9 @@ def test_a_source_of_only_unusable_files_fails_and_points_to_the_rejects(tmp_pat
     assert len((out / "rejected.jsonl").read_text().splitlines()) == 6
     code, err = run_cli(monkeypatch, capsys, "prepare", src, out, "--workers", "1")  # and it stays an error
     assert_one_line_error(code, err, "every one of the 6 files was rejected")
+    for i, path in enumerate(sorted(src.rglob("*.JPEG"))):  # `git lfs pull`: same names, real images
+        path.write_bytes(png(i))
+    code, err = run_cli(monkeypatch, capsys, "prepare", src, out, "--workers", "1")
+    assert code == 0, err
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 6
+    assert (out / "rejected.jsonl").read_text() == ""
