@@ -24,6 +24,9 @@ MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 RESOLVED_CONFIG = "config.yaml"
 MADE_BY = {"d2c-image-shards": "d2c prepare", "d2c-encoded-shards": "d2c encode"}  # what to re-run
+REQUIRED = {"d2c-image-shards": ("classes", "class_counts"),  # beside `shards`: what readers of each kind use
+            "d2c-encoded-shards": ("classes", "class_counts", "grid", "codes", "moments", "tokenizers", "scale_factor",
+                                   "resolution")}
 
 
 def _remake(manifest: dict | None, root) -> str:
@@ -157,8 +160,10 @@ def load_manifest(root: str | Path, kind: str = "d2c-image-shards", verify: bool
             and s["samples"] >= 0 and "/" not in s["file"] for s in shards):
         raise UserError(f"{path}: no valid 'shards' list (each entry needs 'file' and 'samples'); "
                         f"{_remake(manifest, root)}")
-    if not isinstance(manifest.get("classes"), list):
-        raise UserError(f"{path}: no 'classes' list; {_remake(manifest, root)}")
+    absent = [key for key in REQUIRED.get(kind, ()) if key not in manifest]
+    if absent or not isinstance(manifest.get("classes"), list):
+        raise UserError(f"{path}: incomplete manifest (missing or invalid: {', '.join(absent or ['classes'])}); "
+                        f"{_remake(manifest, root)}")
     missing = [s["file"] for s in shards if not (Path(root) / s["file"]).is_file()]
     if missing:
         raise UserError(f"{root}: {len(missing)} shard(s) listed in {MANIFEST} are missing, e.g. {missing[0]}; "

@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 
+import pytest
+
 import d2ctool.data.prepare as prepare_module
 from d2ctool.io import TMP_SUFFIX
 
@@ -72,33 +74,36 @@ def test_output_folder_deleted_mid_run(tmp_path, monkeypatch, capsys):
     assert_one_line_error(code, err, str(out), "No such file or directory", "deleted or moved")
 
 
-def read_only(monkeypatch, folder):
-    """Writes (and folder creation) under `folder` fail with EROFS, as on a read-only mount."""
+def read_only(monkeypatch, folder, code=errno.EROFS):
+    """Writes (and folder creation) under `folder` fail with `code`: EROFS as on a read-only mount, EACCES as
+    without permission."""
     real_open, real_mkdir = builtins.open, os.mkdir
     folder = str(folder)
 
     def guarded_open(file, mode="r", *args, **kwargs):
         if str(file).startswith(folder) and any(c in mode for c in "wax+"):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
+            raise OSError(code, os.strerror(code), str(file))
         return real_open(file, mode, *args, **kwargs)
 
     def guarded_mkdir(path, *args, **kwargs):
         if str(path).startswith(folder):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            raise OSError(code, os.strerror(code), str(path))
         return real_mkdir(path, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", guarded_open)
     monkeypatch.setattr(os, "mkdir", guarded_mkdir)
 
 
-def test_read_only_output_fails_before_any_work(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("code_, words", [(errno.EROFS, "Read-only file system (EROFS)"),
+                                          (errno.EACCES, "Permission denied (EACCES)")])
+def test_unwritable_output_fails_before_any_work(tmp_path, monkeypatch, capsys, code_, words):
     out = tmp_path / "ro" / "out"
     out.parent.mkdir()
-    read_only(monkeypatch, out.parent)
+    read_only(monkeypatch, out.parent, code_)
     started = []
     monkeypatch.setattr(prepare_module, "_load_in_parallel", lambda *a, **k: started.append(1) or iter(()))
     code, err = run_cli(monkeypatch, capsys, *prepare_args(out))
-    assert_one_line_error(code, err, f"cannot write output to {out}", "Read-only file system", "EROFS")
+    assert_one_line_error(code, err, f"cannot write output to {out}", words)
     assert started == []  # no image was read
 
 
