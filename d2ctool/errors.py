@@ -14,7 +14,7 @@ _OS_HINTS = {
     "EROFS": "the file system is read-only: choose a writable output folder",
     "EACCES": "permission denied: choose a folder you may write to, or fix its permissions",
     "EPERM": "operation not permitted: choose a folder you may write to, or fix its permissions",
-    "ENOENT": "it does not exist (was it deleted or moved while the command ran?)",
+    "ENOENT": "check that the path exists and was not deleted or moved while the command ran",
 }
 
 
