@@ -6,6 +6,9 @@ n = total // W, so every rank yields exactly the same number of samples however 
 are, and reads only the shards its slice touches. The last total % W samples of an epoch are
 dropped; a different shard order each epoch drops different ones.
 
+Every sample is validated (`d2ctool.data.members.SampleCheck`: label, image present, encoded `.npy`
+members' dtype, shape, values) when it is yielded, so a bad one is a one-line error naming shard and key.
+
 `d2ctool.data.torch_dataset.ShardDataset` turns a reader into batches for a DataLoader.
 """
 
