@@ -7,7 +7,7 @@ the bytes of its own samples (one pread a member), so an epoch reads each byte o
 whatever W is. A DataLoader with `batch_size=None` returns workers' items round-robin, so batches arrive
 in stream order: 0, 1, 2, ... Random choices in `decode` draw from a generator seeded by (seed, epoch,
 rank, position in the stream), so a run resumed at batch k sees exactly the batches an uninterrupted
-run would have seen.
+run would have seen. Every sample is validated by the reader's `SampleCheck` before `decode` sees it.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class ShardDataset(IterableDataset):
                     shard = int(self.shards[index])
                     if shard not in files:
                         files[shard] = os.open(self.paths[shard], os.O_RDONLY)
-                    members = self.index[shard].read(files[shard], int(self.samples[index]))
+                    sample = int(self.samples[index])
+                    members = self.index[shard].read(files[shard], sample)
+                    self.reader.check(self.paths[shard], self.index[shard].keys[sample], members)
                     rng = np.random.default_rng([self.seed, self.reader.epoch, self.reader.rank, index])
                     batch.append(self.decode(members, rng))
                 yield default_collate(batch)
