@@ -32,6 +32,7 @@ from PIL import Image
 from d2ctool.data.members import SampleCheck, decode_failure
 from d2ctool.data.shards import iter_tar, load_manifest
 from d2ctool.distributed import rank_and_world
+from d2ctool.errors import UserError
 
 
 @dataclass
@@ -166,7 +167,20 @@ def index_tar(path: str | Path) -> ShardIndex:
 
 @functools.lru_cache(maxsize=4096)
 def _index_tar(path: str, size: int, mtime_ns: int) -> ShardIndex:
-    first, offsets, sizes, exts, keys, key = [], [], [], [], [], None
+    first, offsets, sizes, exts, keys = [], [], [], [], []
+    try:
+        _index_members(path, first, offsets, sizes, exts, keys)
+    except (tarfile.TarError, EOFError) as e:  # OS faults pass on: the CLI names their path
+        where = f", after sample {keys[-1]!r}" if keys else ""
+        raise UserError(f"shard {path}: damaged tar{where} ({type(e).__name__}: {e}); "
+                        "rebuild the shard folder with the command that wrote it") from None
+    first.append(len(offsets))
+    return ShardIndex(np.asarray(first, np.int64), np.asarray(offsets, np.int64), np.asarray(sizes, np.int64),
+                      tuple(exts), tuple(keys))
+
+
+def _index_members(path: str, first: list, offsets: list, sizes: list, exts: list, keys: list) -> None:
+    key = None
     with open(path, "rb", buffering=0) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
         for info in tar:
             if not info.isfile():
@@ -181,9 +195,6 @@ def _index_tar(path: str, size: int, mtime_ns: int) -> ShardIndex:
             offsets.append(info.offset_data)
             sizes.append(info.size)
             exts.append(ext)
-    first.append(len(offsets))
-    return ShardIndex(np.asarray(first, np.int64), np.asarray(offsets, np.int64), np.asarray(sizes, np.int64),
-                      tuple(exts), tuple(keys))
 
 
 def _buffer_shuffle(stream, size: int, rng: np.random.Generator):

@@ -19,6 +19,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from d2ctool.data.reader import ShardReader, decode_image, image_member, index_tar
+from d2ctool.errors import UserError
 
 
 class ShardDataset(IterableDataset):
@@ -35,6 +36,11 @@ class ShardDataset(IterableDataset):
         self.samples = np.asarray([sample for _, sample in used], np.int64)
         self.paths = {int(s): str(reader.shard_path(int(s))) for s in np.unique(self.shards)}
         self.index = {s: index_tar(path) for s, path in self.paths.items()}
+        for s, path in self.paths.items():  # a tar cut at a 512-byte boundary indexes as a shorter shard
+            if len(self.index[s].keys) != reader.counts[s]:
+                raise UserError(f"shard {path}: holds {len(self.index[s].keys)} samples, its manifest says "
+                                f"{reader.counts[s]}; the file is truncated or was replaced: rebuild the shard "
+                                "folder with the command that wrote it")
 
     def __len__(self) -> int:
         return max(self.total_batches - self.skip_batches, 0)
