@@ -117,3 +117,15 @@ def test_a_bad_manifest_is_one_line(image_shards, manifest, problem, tmp_path, m
         load_manifest(image_shards)
     code, err = run_cli(monkeypatch, capsys, "train-tokenizer", "vq", image_shards, tmp_path / "tok")
     assert_one_line_error(code, err, "manifest.json", problem)
+
+
+def test_the_workers_index_catches_the_cut_too(image_shards):
+    """DataLoader workers read through a tar-header index, not the sequential reader: same check, same line."""
+    from d2ctool.data.torch_dataset import ShardDataset, decode_rgb
+
+    path, entry = first_shard(image_shards)
+    cut_at_block_boundary(path)
+    rewrite_manifest(image_shards, lambda m: m["shards"][0].pop("bytes"))
+    with pytest.raises(UserError, match=rf"{path.name}: holds {entry['samples'] - 1} samples, its manifest says "
+                                        rf"{entry['samples']}; the file is truncated"):
+        ShardDataset(ShardReader(image_shards), decode_rgb, batch_size=2)
