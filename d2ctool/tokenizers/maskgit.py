@@ -22,7 +22,7 @@ from torch import nn
 
 from d2ctool.config import bounded
 from d2ctool.tokenizers.blocks import normalize
-from d2ctool.tokenizers.vq import SEARCH_CHUNK
+from d2ctool.tokenizers.vq import SEARCH_CHUNK, nearest_codes
 
 
 @dataclass
@@ -177,10 +177,7 @@ class MaskGITVQ(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> code indices [B, H/stride, W/stride]."""
-        z = self.encode_latent(images)
-        b, d, h, w = z.shape
-        with torch.autocast(z.device.type, enabled=False):
-            return self.quantize.nearest(z.permute(0, 2, 3, 1).reshape(-1, d)).view(b, h, w)
+        return nearest_codes(self.quantize, self.encode_latent(images))
 
     def decode_latent(self, quant: torch.Tensor) -> torch.Tensor:
         """Code vectors -> images in [-1, 1]: the official wrapper clamps the [0, 1] output."""

@@ -36,6 +36,13 @@ class VQConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
+def nearest_codes(quantize: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Latent [B, d, h, w] -> code indices [B, h, w] by `quantize.nearest`, in float32 even under autocast."""
+    b, d, h, w = z.shape
+    with torch.autocast(z.device.type, enabled=False):
+        return quantize.nearest(z.permute(0, 2, 3, 1).reshape(-1, d)).view(b, h, w)
+
+
 class VectorQuantizer(nn.Module):
     def __init__(self, size: int, dim: int, usage_window: int):
         super().__init__()
@@ -86,10 +93,7 @@ class VQModel(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> code indices [B, H/stride, W/stride]."""
-        z = self.encode_latent(images)
-        b, d, h, w = z.shape
-        with torch.autocast(z.device.type, enabled=False):
-            return self.quantize.nearest(z.permute(0, 2, 3, 1).reshape(-1, d)).view(b, h, w)
+        return nearest_codes(self.quantize, self.encode_latent(images))
 
     def decode_latent(self, quant: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(quant))
