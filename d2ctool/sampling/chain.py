@@ -4,6 +4,10 @@ two-stage        labels -> stage-1 codes (KV-cache GPT) -> stage-2 latents condi
 discrete-only    labels -> stage-1 codes -> VQ decode                       (the LlamaGen baseline)
 continuous-only  labels -> stage-2 latents, fusion none -> KL decode        (the MAR baseline)
 oracle-codes     real images' codes and labels -> stage-2 latents -> KL decode  (stage 2's upper bound)
+vq-reconstruction  real images' codes -> VQ decode                           (the VQ tokenizer's ceiling)
+kl-reconstruction  real images' posterior means -> KL decode                 (the KL tokenizer's ceiling)
+
+The last three read the real images (codes, labels, moments) from encoded shards (`sample.oracle_data`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from d2ctool.discrete.load import data_config, load_gpt
 from d2ctool.errors import UserError
 from d2ctool.sampling.config import SampleConfig
 from d2ctool.tokenizers.config import TokenizersConfig
+from d2ctool.tokenizers.kl import scaled_latents
 from d2ctool.tokenizers.load import load_tokenizer
 from d2ctool.training.trainer import CHECKPOINT_FORMAT, run_checkpoint
 from d2ctool.visual import to_uint8
@@ -41,6 +46,7 @@ class Chain:
     vq: torch.nn.Module | None = None
     kl: torch.nn.Module | None = None
     oracle: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes [N, L], labels [N]) of real images
+    real_latents: torch.Tensor | None = None  # kl-reconstruction: scaled posterior means [N, C, h, w]
     loaded: dict = field(default_factory=dict)  # what was loaded, for the manifest
 
     @property
@@ -49,7 +55,11 @@ class Chain:
 
     @property
     def uses_stage2(self) -> bool:
-        return self.cfg.mode != "discrete-only"
+        return self.cfg.mode in ("two-stage", "continuous-only", "oracle-codes")
+
+    @property
+    def decodes_with_kl(self) -> bool:
+        return self.uses_stage2 or self.cfg.mode == "kl-reconstruction"
 
 
 def _require(value, what: str, mode: str):
@@ -69,10 +79,10 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
     mode = cfg.mode
     vq = kl = gpt = mar = None
     loaded = {}
-    if mode in ("two-stage", "discrete-only"):
+    if mode in ("two-stage", "discrete-only", "vq-reconstruction"):
         vq, info = load_tokenizer("vq", tokenizers.vq.preset, tokenizers.vq.checkpoint)
         loaded["vq"] = info.record()
-    if mode != "discrete-only":
+    if mode in ("two-stage", "continuous-only", "oracle-codes", "kl-reconstruction"):
         kl, info = load_tokenizer("kl", tokenizers.kl.preset, tokenizers.kl.checkpoint)
         loaded["kl"] = info.record()
     if mode in ("two-stage", "discrete-only"):
@@ -87,7 +97,7 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
         if gpt.cfg.vocab_size != vq.cfg.codebook_size:
             raise UserError(f"the stage-1 model's vocabulary ({gpt.cfg.vocab_size}) differs from the VQ tokenizer's "
                             f"codebook ({vq.cfg.codebook_size}): give the tokenizer it was trained with")
-    if mode != "discrete-only":
+    if mode in ("two-stage", "continuous-only", "oracle-codes"):
         path = _require(cfg.continuous, "sample.continuous (a train-continuous run or MAR's mar_*.pth)", mode)
         mar, info = load_mar(cfg.continuous_preset, path, {"num_sampling_steps": cfg.stage2.num_sampling_steps},
                              use_ema=cfg.use_ema)
@@ -110,32 +120,58 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
             raise UserError(f"stage 1 knows {gpt.cfg.num_classes} classes, stage 2 {mar.cfg.num_classes}")
         if vq.stride != kl.stride:
             raise UserError(f"the tokenizers' grids differ: VQ stride {vq.stride}, KL stride {kl.stride}")
-    oracle = None
-    if mode == "oracle-codes":
-        oracle = _oracle_codes(_require(cfg.oracle_data, "sample.oracle_data (encoded shards)", mode), mar, cfg.num_images)
-    num_classes = gpt.cfg.num_classes if gpt is not None else mar.cfg.num_classes
-    for model in (gpt, mar, vq, kl):
+    oracle = real_latents = None
+    if mode in ("oracle-codes", "vq-reconstruction", "kl-reconstruction"):
+        data = _require(cfg.oracle_data, "sample.oracle_data (encoded shards of real images)", mode)
+        if mode == "oracle-codes":
+            expected = (mar.cfg.code_vocab, mar.cfg.code_size, "stage 2 was trained on")
+        elif mode == "vq-reconstruction":
+            expected = (vq.cfg.codebook_size, None, "the VQ tokenizer decodes")
+        else:
+            expected = None
+        codes, labels, means = _real_images(data, cfg.num_images, expected, kl if mode == "kl-reconstruction" else None)
+        oracle = (codes, labels)
+        real_latents = means
+        loaded["real_images"] = {"data": data, "count": len(labels)}
+    if gpt is not None:
+        num_classes = gpt.cfg.num_classes
+    elif mar is not None:
+        num_classes = mar.cfg.num_classes
+    else:  # reconstructions: the classes of the real images
+        num_classes = int(oracle[1].max()) + 1
+    for key, model in (("stage1", gpt), ("stage2", mar), ("vq", vq), ("kl", kl)):
         if model is not None:
             model.to(device).eval()
-    return Chain(cfg, device, num_classes, gpt, mar, vq, kl, oracle, loaded)
+            loaded[key]["parameters"] = sum(p.numel() for p in model.parameters())
+    return Chain(cfg, device, num_classes, gpt, mar, vq, kl, oracle, loaded, real_latents)
 
 
-def _oracle_codes(data: str, mar, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _real_images(data: str, count: int, expected_codes: tuple | None, kl) -> tuple:
+    """Codes [N, L], labels [N] and, given the KL tokenizer, scaled posterior means [N, C, h, w] of the
+    first `count` images of encoded shards (original view). `expected_codes` = (vocabulary, grid or
+    None, who needs them) is checked against the shards' manifest."""
     reader = ShardReader(data, 0, 1, manifest_kind="d2c-encoded-shards")
-    vq = reader.manifest["tokenizers"]["vq"]
-    if (vq["codebook_size"], reader.manifest["grid"][0]) != (mar.cfg.code_vocab, mar.cfg.code_size):
-        raise UserError(f"{data} holds {reader.manifest['grid'][0]}x{reader.manifest['grid'][0]} codes of "
-                        f"{vq['codebook_size']}, but stage 2 was trained on {mar.cfg.code_size}x{mar.cfg.code_size} "
-                        f"codes of {mar.cfg.code_vocab}")
+    vocab, grid = reader.manifest["tokenizers"]["vq"]["codebook_size"], reader.manifest["grid"][0]
+    if expected_codes is not None:
+        want_vocab, want_grid, who = expected_codes
+        if vocab != want_vocab or (want_grid is not None and grid != want_grid):
+            shown = f"{want_grid}x{want_grid} codes" if want_grid is not None else "codes"
+            raise UserError(f"{data} holds {grid}x{grid} codes of {vocab}, but {who} {shown} of {want_vocab}")
+    if kl is not None and reader.manifest["tokenizers"]["kl"]["latent_channels"] != kl.cfg.embed_dim:
+        raise UserError(f"{data} holds {reader.manifest['tokenizers']['kl']['latent_channels']}-channel latents, "
+                        f"but the KL tokenizer decodes {kl.cfg.embed_dim}: give the tokenizer the data was encoded with")
     if len(reader) < count:
-        raise UserError(f"oracle-codes: {data} holds {len(reader)} images, fewer than sample.num_images {count}")
-    codes, labels = [], []
+        raise UserError(f"{data} holds {len(reader)} images, fewer than sample.num_images {count}")
+    codes, labels, means = [], [], []
     for _, members in reader.raw():
         codes.append(read_npy(members["codes.npy"])[0].astype(np.int64))
         labels.append(int(members["cls"]))
+        if kl is not None:
+            moments = torch.from_numpy(read_npy(members["moments.npy"])[:1].astype(np.float32))
+            means.append(scaled_latents(moments, kl.cfg.scale_factor, None)[0])
         if len(codes) == count:
             break
-    return torch.from_numpy(np.stack(codes)), torch.tensor(labels)
+    return torch.from_numpy(np.stack(codes)), torch.tensor(labels), torch.stack(means) if means else None
 
 
 def make_labels(cfg: SampleConfig, num_classes: int, chain: Chain | None = None) -> np.ndarray:
@@ -175,17 +211,19 @@ def generate_batch(chain: Chain, labels: np.ndarray, start: int, timings: dict) 
             codes = generate(chain.gpt, y, cfg.stage1, generator)
         elif chain.oracle is not None:
             codes = chain.oracle[0][start:start + len(labels)].to(device)
+        if chain.real_latents is not None:
+            latents = chain.real_latents[start:start + len(labels)].to(device)
         t1 = time.perf_counter()
         if chain.uses_stage2:
             s = cfg.stage2
             latents = sample_latents(chain.mar, y, codes if chain.mar.cfg.fusion != "none" else None,
                                      num_iter=min(s.num_iter, chain.mar.cfg.seq_len), cfg=s.cfg_scale,
-                                     cfg_schedule=s.cfg_schedule, temperature=s.temperature, generator=generator)
+                                     cfg_schedule=s.cfg_schedule, temperature=s.temperature, clip_x0=s.clip_x0, generator=generator)
         t2 = time.perf_counter()
-        if chain.uses_stage2:
+        if chain.decodes_with_kl:
             images = chain.kl.decode_latents(latents)
         else:
-            g = chain.gpt.cfg.grid
+            g = int(round(codes.shape[1] ** 0.5))
             images = chain.vq.decode_codes(codes.view(-1, g, g))
         pixels = to_uint8(images.float())
         t3 = time.perf_counter()

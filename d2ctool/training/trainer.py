@@ -290,7 +290,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     record = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in totals.items()},
                               "lr": lr_at(step - 1, cfg), "grad_norm": round(float(grad_norm), 6),
-                              "samples_per_s": round(window_samples / elapsed, 2)}
+                              "samples_per_s": round(window_samples / elapsed, 2), "seconds": round(elapsed, 3)}
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     window_start, window_samples = time.perf_counter(), 0
