@@ -23,16 +23,17 @@ from d2ctool.continuous.load import load_mar
 from d2ctool.continuous.sample import sample_latents
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.shards import read_npy
-from d2ctool.tokenizers.kl import scaled_latents
+from d2ctool.tokenizers.kl import posterior_latents
+from d2ctool.tokenizers.latent_norm import from_manifest
 
 
 def real_batch(data: str, count: int):
     reader = ShardReader(data, 0, 1, manifest_kind="d2c-encoded-shards")
-    scale = float(reader.manifest["scale_factor"])
+    norm = from_manifest(reader.manifest)
     latents, labels, codes = [], [], []
     for _, members in reader.raw():
         moments = torch.from_numpy(read_npy(members["moments.npy"])[:1].astype(np.float32))
-        latents.append(scaled_latents(moments, scale, None)[0])
+        latents.append(norm.apply(posterior_latents(moments, None))[0])
         labels.append(int(members["cls"]))
         codes.append(torch.from_numpy(read_npy(members["codes.npy"])[0].astype(np.int64)))
         if len(latents) == count:

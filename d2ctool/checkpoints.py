@@ -26,6 +26,7 @@ class LoadedWeights:
     config: dict  # the architecture that was built
     weights: str  # which entry of the file was loaded
     kind: str | None = None  # "vq" or "kl" for tokenizers
+    trained_on: dict | None = None  # our trained models: the data's tokenizers and latent normalisation
 
     def record(self) -> dict:
         return dataclasses.asdict(self)

@@ -83,6 +83,7 @@ def load_mar(preset: str, checkpoint: str | Path | None, overrides: dict | None 
                         f"a checkpoint of our own (preset given: {preset})")
     checkpoint = run_checkpoint(checkpoint)
     obj = load_file(checkpoint)
+    trained_on = None
     if obj.get("format") == CHECKPOINT_FORMAT:  # a `d2c train-continuous` run
         if obj.get("task") != "train-continuous":
             raise UserError(f"{checkpoint} is a `d2c {obj.get('task')}` checkpoint, not a stage-2 (train-continuous) one")
@@ -90,6 +91,7 @@ def load_mar(preset: str, checkpoint: str | Path | None, overrides: dict | None 
         name = "train-continuous"
         weights = "ema" if use_ema and obj.get("ema") else "model"
         state_dict = obj[weights]
+        trained_on = (obj.get("config") or {}).get("trained_on")
     else:
         if obj.get("format") == OWN_FORMAT:
             cfg = config_from_dict({**obj["config"], **(overrides or {})}, str(checkpoint))
@@ -101,7 +103,8 @@ def load_mar(preset: str, checkpoint: str | Path | None, overrides: dict | None 
     hint = (" (a fused model starts from a plain MAR checkpoint with init_from_checkpoint)"
             if cfg.fusion != "none" else "")
     load_strict(model, state_dict, str(checkpoint), f"the MAR model '{name}' (fusion {cfg.fusion}){hint}")
-    info = LoadedWeights(name, str(Path(checkpoint).resolve()), sha256_file(checkpoint), dataclasses.asdict(cfg), weights)
+    info = LoadedWeights(name, str(Path(checkpoint).resolve()), sha256_file(checkpoint), dataclasses.asdict(cfg), weights,
+                         trained_on=trained_on)
     return model.eval(), info
 
 

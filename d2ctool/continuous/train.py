@@ -1,8 +1,8 @@
 """`d2c train-continuous`: the stage-2 masked AR model on encoded shards, with the shared trainer.
 
-Each step sees a fresh latent drawn from the stored posterior moments (scaled by the factor in the
-encode manifest), of the original or the h-flipped image, and the discrete codes of the same flip
-(teacher forcing: stage 2 learns on real images' codes). The periodic grid shows, for a few real
+Each step sees a fresh latent drawn from the stored posterior moments (normalised by the encode
+manifest's `latent_norm`: a scale factor or per-channel statistics), of the original or the h-flipped
+image, and the discrete codes of the same flip (teacher forcing: stage 2 learns on real images' codes). The periodic grid shows, for a few real
 images, the KL decoding of their posterior mean above stage-2 samples conditioned on their codes.
 """
 
@@ -22,7 +22,8 @@ from d2ctool.data.reader import ShardReader
 from d2ctool.data.shards import load_manifest, read_npy
 from d2ctool.errors import UserError
 from d2ctool.progress import info
-from d2ctool.tokenizers.kl import scaled_latents
+from d2ctool.tokenizers.kl import posterior_latents
+from d2ctool.tokenizers.latent_norm import from_manifest
 from d2ctool.tokenizers.load import load_tokenizer
 from d2ctool.training.trainer import Trainer, TrainResult
 from d2ctool.visual import save_grid, to_uint8
@@ -53,7 +54,7 @@ class ContinuousTask:
             raise UserError("continuous.data is not set: give the encoded shards (`d2c encode` output)")
         self.cfg = cfg
         self.manifest = load_manifest(cfg.data, ENCODED)
-        self.scale_factor = float(self.manifest["scale_factor"])
+        self.norm = from_manifest(self.manifest)
         self._model_cfg = model_config_for_data(cfg, self.manifest)
         self.model_config = dataclasses.asdict(self._model_cfg)
         self._kl_record = self.manifest["tokenizers"]["kl"]
@@ -79,7 +80,7 @@ class ContinuousTask:
         flip = int(rng.integers(2))  # codes and moments of the same (original or flipped) image
         moments = torch.from_numpy(read_npy(members["moments.npy"])[flip].astype(np.float32))
         noise = torch.from_numpy(rng.standard_normal((moments.shape[0] // 2, *moments.shape[1:])).astype(np.float32))
-        latents = scaled_latents(moments[None], self.scale_factor, noise[None])[0]
+        latents = self.norm.apply(posterior_latents(moments[None], noise[None]))[0]
         codes = torch.from_numpy(read_npy(members["codes.npy"])[flip].astype(np.int64))
         return latents, int(members["cls"]), codes
 
@@ -101,7 +102,7 @@ class ContinuousTask:
             means, labels, codes = [], [], []
             for _, members in ShardReader(self.cfg.data, 0, 1, manifest_kind=ENCODED).raw():
                 moments = torch.from_numpy(read_npy(members["moments.npy"])[0].astype(np.float32))
-                means.append(scaled_latents(moments[None], self.scale_factor, None)[0])
+                means.append(self.norm.apply(posterior_latents(moments[None], None))[0])
                 labels.append(int(members["cls"]))
                 codes.append(torch.from_numpy(read_npy(members["codes.npy"])[0].astype(np.int64)))
                 if len(means) == self.cfg.grid_samples:
@@ -118,7 +119,7 @@ class ContinuousTask:
                                  cfg_schedule=s.cfg_schedule, temperature=s.temperature, clip_x0=s.clip_x0,
                                  generator=torch.Generator(device).manual_seed(0))
         kl = self.kl(device)
-        images = torch.cat([kl.decode_latents(means), kl.decode_latents(latents)])
+        images = torch.cat([kl.decode_latents(means, self.norm), kl.decode_latents(latents, self.norm)])
         save_grid(path, to_uint8(images), len(means), ["real", "stage 2"])
 
     def finish(self, model: MAR, run_dir: Path, device: torch.device) -> dict:
@@ -129,4 +130,13 @@ def train_continuous(cfg: ContinuousConfig, resolved_config: dict, resolved_yaml
     if not cfg.out:
         raise UserError("continuous.out is not set: give the run folder")
     task = ContinuousTask(cfg)
+    resolved_config = {**resolved_config, "trained_on": trained_on(task.manifest)}
     return Trainer(task, cfg.train, cfg.out, resolved_config, resolved_yaml).run()
+
+
+def trained_on(manifest: dict) -> dict:
+    """What stage 2 learns from, saved in its checkpoints: sampling checks its tokenizers against it."""
+    vq, kl = manifest["tokenizers"]["vq"], manifest["tokenizers"]["kl"]
+    return {"latent_norm": from_manifest(manifest).record(), "grid": manifest["grid"],
+            "vq": {k: vq.get(k) for k in ("name", "checkpoint", "sha256", "codebook_size")},
+            "kl": {k: kl.get(k) for k in ("name", "checkpoint", "sha256", "latent_channels")}}

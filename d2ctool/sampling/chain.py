@@ -8,6 +8,8 @@ vq-reconstruction  real images' codes -> VQ decode                           (th
 kl-reconstruction  real images' posterior means -> KL decode                 (the KL tokenizer's ceiling)
 
 The last three read the real images (codes, labels, moments) from encoded shards (`sample.oracle_data`).
+
+Stage-2 latents are mapped back to the KL tokenizer's by the `LatentNorm` stage 2 was trained with.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from d2ctool.data.shards import read_npy
 from d2ctool.discrete.config import preset as gpt_preset
 from d2ctool.discrete.generate import generate
 from d2ctool.discrete.load import data_config, load_gpt
+from d2ctool.checkpoints import LoadedWeights
 from d2ctool.errors import UserError
 from d2ctool.sampling.config import SampleConfig
 from d2ctool.tokenizers.config import TokenizersConfig
-from d2ctool.tokenizers.kl import scaled_latents
+from d2ctool.tokenizers.kl import posterior_latents
+from d2ctool.tokenizers.latent_norm import LatentNorm
 from d2ctool.tokenizers.load import load_tokenizer
 from d2ctool.training.trainer import CHECKPOINT_FORMAT, run_checkpoint
 from d2ctool.visual import to_uint8
@@ -46,7 +50,8 @@ class Chain:
     vq: torch.nn.Module | None = None
     kl: torch.nn.Module | None = None
     oracle: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes [N, L], labels [N]) of real images
-    real_latents: torch.Tensor | None = None  # kl-reconstruction: scaled posterior means [N, C, h, w]
+    latent_norm: LatentNorm | None = None  # stage 2's latents -> the KL tokenizer's
+    real_latents: torch.Tensor | None = None  # kl-reconstruction: posterior means [N, C, h, w], unnormalised
     loaded: dict = field(default_factory=dict)  # what was loaded, for the manifest
 
     @property
@@ -57,9 +62,8 @@ class Chain:
     def uses_stage2(self) -> bool:
         return self.cfg.mode in ("two-stage", "continuous-only", "oracle-codes")
 
-    @property
-    def decodes_with_kl(self) -> bool:
-        return self.uses_stage2 or self.cfg.mode == "kl-reconstruction"
+
+POSTERIOR_MEANS = LatentNorm.scalar(1.0, "none: the tokenizer's own posterior means")
 
 
 def _require(value, what: str, mode: str):
@@ -74,17 +78,42 @@ def _is_our_run(path: str) -> bool:
     return load_file(run_checkpoint(path)).get("format") == CHECKPOINT_FORMAT
 
 
+def _side(record: dict) -> str:
+    return f"{record.get('name')} ({record.get('checkpoint')}, sha256 {str(record.get('sha256'))[:12]})"
+
+
+def stage2_latent_norm(stage2: LoadedWeights, kl, kl_info: LoadedWeights, vq_info: LoadedWeights | None) -> LatentNorm:
+    """The normalisation stage 2 was trained with, once its KL (and VQ) tokenizers are checked to be these.
+
+    Our runs record their data's tokenizers (sha256) and normalisation; an official MAR file records
+    nothing and is taken as trained on its tokenizer's latents times the tokenizer's scale factor.
+    """
+    data = stage2.trained_on
+    if data is None:
+        if kl.cfg.latent_norm != "scale":
+            raise UserError(f"the stage-2 file {stage2.checkpoint} records no training data, so it is read as MAR's "
+                            f"release (scale-factor latents), but the KL tokenizer {kl_info.name} normalises its "
+                            "latents per channel: give a stage 2 trained with `d2c train-continuous` on its latents")
+        return kl.scale_norm()
+    for kind, info, what in (("kl", kl_info, "latents"), ("vq", vq_info, "codes")):
+        if info is not None and data[kind]["sha256"] != info.sha256:
+            raise UserError(f"stage 2 ({stage2.checkpoint}) was trained on the {what} of the {kind} tokenizer "
+                            f"{_side(data[kind])}, but tokenizers.{kind} is {_side(info.record())}: give the "
+                            "tokenizer it was trained with")
+    return LatentNorm.from_record(data["latent_norm"])
+
+
 def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.device) -> Chain:
     """Load what the mode needs and check that the pieces fit together, before any sampling."""
     mode = cfg.mode
-    vq = kl = gpt = mar = None
+    vq = kl = gpt = mar = vq_info = kl_info = norm = None
     loaded = {}
     if mode in ("two-stage", "discrete-only", "vq-reconstruction"):
-        vq, info = load_tokenizer("vq", tokenizers.vq.preset, tokenizers.vq.checkpoint)
-        loaded["vq"] = info.record()
+        vq, vq_info = load_tokenizer("vq", tokenizers.vq.preset, tokenizers.vq.checkpoint)
+        loaded["vq"] = vq_info.record()
     if mode in ("two-stage", "continuous-only", "oracle-codes", "kl-reconstruction"):
-        kl, info = load_tokenizer("kl", tokenizers.kl.preset, tokenizers.kl.checkpoint)
-        loaded["kl"] = info.record()
+        kl, kl_info = load_tokenizer("kl", tokenizers.kl.preset, tokenizers.kl.checkpoint)
+        loaded["kl"] = kl_info.record()
     if mode in ("two-stage", "discrete-only"):
         path = _require(cfg.discrete, "sample.discrete (a train-discrete run or LlamaGen's c2i_*.pt)", mode)
         official = None
@@ -95,13 +124,14 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
         gpt, info = load_gpt(path, official, use_ema=cfg.use_ema)
         loaded["stage1"] = {**info, "config": dataclasses.asdict(gpt.cfg)}
         if gpt.cfg.vocab_size != vq.cfg.codebook_size:
-            raise UserError(f"the stage-1 model's vocabulary ({gpt.cfg.vocab_size}) differs from the VQ tokenizer's "
-                            f"codebook ({vq.cfg.codebook_size}): give the tokenizer it was trained with")
+            raise UserError(f"the stage-1 model {path} makes codes of a {gpt.cfg.vocab_size}-code vocabulary, but the "
+                            f"VQ tokenizer {vq_info.name} ({vq_info.checkpoint}) has {vq.cfg.codebook_size} codes: "
+                            "give the tokenizer it was trained with")
     if mode in ("two-stage", "continuous-only", "oracle-codes"):
         path = _require(cfg.continuous, "sample.continuous (a train-continuous run or MAR's mar_*.pth)", mode)
-        mar, info = load_mar(cfg.continuous_preset, path, {"num_sampling_steps": cfg.stage2.num_sampling_steps},
-                             use_ema=cfg.use_ema)
-        loaded["stage2"] = info.record()
+        mar, stage2_info = load_mar(cfg.continuous_preset, path, {"num_sampling_steps": cfg.stage2.num_sampling_steps},
+                                    use_ema=cfg.use_ema)
+        loaded["stage2"] = stage2_info.record()
         fused = mar.cfg.fusion != "none"
         if mode == "continuous-only" and fused:
             raise UserError(f"mode continuous-only needs a stage-2 model with fusion none (the MAR baseline); this one "
@@ -120,58 +150,71 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
             raise UserError(f"stage 1 knows {gpt.cfg.num_classes} classes, stage 2 {mar.cfg.num_classes}")
         if vq.stride != kl.stride:
             raise UserError(f"the tokenizers' grids differ: VQ stride {vq.stride}, KL stride {kl.stride}")
+    if mar is not None:  # after the checks of shapes, which say more than a differing checksum
+        norm = stage2_latent_norm(stage2_info, kl, kl_info, vq_info if mar.cfg.fusion != "none" else None)
+        loaded["latent_norm"] = norm.record()
     oracle = real_latents = None
-    if mode in ("oracle-codes", "vq-reconstruction", "kl-reconstruction"):
+    if mode == "oracle-codes":
+        data = _require(cfg.oracle_data, "sample.oracle_data (encoded shards)", mode)
+        oracle = _oracle_codes(data, mar, cfg.num_images, stage2_info.trained_on)
+    elif mode in ("vq-reconstruction", "kl-reconstruction"):
         data = _require(cfg.oracle_data, "sample.oracle_data (encoded shards of real images)", mode)
-        if mode == "oracle-codes":
-            expected = (mar.cfg.code_vocab, mar.cfg.code_size, "stage 2 was trained on")
-        elif mode == "vq-reconstruction":
-            expected = (vq.cfg.codebook_size, None, "the VQ tokenizer decodes")
-        else:
-            expected = None
-        codes, labels, means = _real_images(data, cfg.num_images, expected, kl if mode == "kl-reconstruction" else None)
-        oracle = (codes, labels)
-        real_latents = means
-        loaded["real_images"] = {"data": data, "count": len(labels)}
-    if gpt is not None:
-        num_classes = gpt.cfg.num_classes
-    elif mar is not None:
-        num_classes = mar.cfg.num_classes
+        oracle, real_latents = _real_images(data, cfg.num_images, vq_info if vq is not None else kl_info)
+    if oracle is not None:
+        loaded["real_images"] = {"data": str(cfg.oracle_data), "count": len(oracle[1])}
+    if gpt is not None or mar is not None:
+        num_classes = gpt.cfg.num_classes if gpt is not None else mar.cfg.num_classes
     else:  # reconstructions: the classes of the real images
         num_classes = int(oracle[1].max()) + 1
     for key, model in (("stage1", gpt), ("stage2", mar), ("vq", vq), ("kl", kl)):
         if model is not None:
             model.to(device).eval()
             loaded[key]["parameters"] = sum(p.numel() for p in model.parameters())
-    return Chain(cfg, device, num_classes, gpt, mar, vq, kl, oracle, loaded, real_latents)
+    return Chain(cfg, device, num_classes, gpt, mar, vq, kl, oracle, latent_norm=norm, loaded=loaded,
+                 real_latents=real_latents)
 
 
-def _real_images(data: str, count: int, expected_codes: tuple | None, kl) -> tuple:
-    """Codes [N, L], labels [N] and, given the KL tokenizer, scaled posterior means [N, C, h, w] of the
-    first `count` images of encoded shards (original view). `expected_codes` = (vocabulary, grid or
-    None, who needs them) is checked against the shards' manifest."""
+def _oracle_codes(data: str, mar, count: int, trained_on: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
     reader = ShardReader(data, 0, 1, manifest_kind="d2c-encoded-shards")
-    vocab, grid = reader.manifest["tokenizers"]["vq"]["codebook_size"], reader.manifest["grid"][0]
-    if expected_codes is not None:
-        want_vocab, want_grid, who = expected_codes
-        if vocab != want_vocab or (want_grid is not None and grid != want_grid):
-            shown = f"{want_grid}x{want_grid} codes" if want_grid is not None else "codes"
-            raise UserError(f"{data} holds {grid}x{grid} codes of {vocab}, but {who} {shown} of {want_vocab}")
-    if kl is not None and reader.manifest["tokenizers"]["kl"]["latent_channels"] != kl.cfg.embed_dim:
-        raise UserError(f"{data} holds {reader.manifest['tokenizers']['kl']['latent_channels']}-channel latents, "
-                        f"but the KL tokenizer decodes {kl.cfg.embed_dim}: give the tokenizer the data was encoded with")
+    vq = reader.manifest["tokenizers"]["vq"]
+    if trained_on is not None and vq["sha256"] != trained_on["vq"]["sha256"]:
+        raise UserError(f"{data} holds the codes of the vq tokenizer {_side(vq)}, but stage 2 was trained on those "
+                        f"of {_side(trained_on['vq'])}: give encoded shards of the tokenizer it was trained with")
+    if (vq["codebook_size"], reader.manifest["grid"][0]) != (mar.cfg.code_vocab, mar.cfg.code_size):
+        raise UserError(f"{data} holds {reader.manifest['grid'][0]}x{reader.manifest['grid'][0]} codes of "
+                        f"{vq['codebook_size']}, but stage 2 was trained on {mar.cfg.code_size}x{mar.cfg.code_size} "
+                        f"codes of {mar.cfg.code_vocab}")
+    if len(reader) < count:
+        raise UserError(f"oracle-codes: {data} holds {len(reader)} images, fewer than sample.num_images {count}")
+    codes, labels = [], []
+    for _, members in reader.raw():
+        codes.append(read_npy(members["codes.npy"])[0].astype(np.int64))
+        labels.append(int(members["cls"]))
+        if len(codes) == count:
+            break
+    return torch.from_numpy(np.stack(codes)), torch.tensor(labels)
+
+
+def _real_images(data: str, count: int, tokenizer: LoadedWeights):
+    """((codes [N, L], labels [N]), posterior means [N, C, h, w] or None) of the first `count` images of
+    encoded shards (original view), which must come from `tokenizer` (the one that decodes them)."""
+    reader = ShardReader(data, 0, 1, manifest_kind="d2c-encoded-shards")
+    theirs = reader.manifest["tokenizers"][tokenizer.kind]
+    if theirs.get("sha256") != tokenizer.sha256:
+        raise UserError(f"{data} was encoded with the {tokenizer.kind} tokenizer {_side(theirs)}, but "
+                        f"tokenizers.{tokenizer.kind} is {_side(tokenizer.record())}: give the tokenizer it was "
+                        "encoded with")
     if len(reader) < count:
         raise UserError(f"{data} holds {len(reader)} images, fewer than sample.num_images {count}")
     codes, labels, means = [], [], []
     for _, members in reader.raw():
         codes.append(read_npy(members["codes.npy"])[0].astype(np.int64))
         labels.append(int(members["cls"]))
-        if kl is not None:
-            moments = torch.from_numpy(read_npy(members["moments.npy"])[:1].astype(np.float32))
-            means.append(scaled_latents(moments, kl.cfg.scale_factor, None)[0])
+        if tokenizer.kind == "kl":
+            means.append(posterior_latents(torch.from_numpy(read_npy(members["moments.npy"])[:1]), None)[0])
         if len(codes) == count:
             break
-    return torch.from_numpy(np.stack(codes)), torch.tensor(labels), torch.stack(means) if means else None
+    return (torch.from_numpy(np.stack(codes)), torch.tensor(labels)), torch.stack(means) if means else None
 
 
 def make_labels(cfg: SampleConfig, num_classes: int, chain: Chain | None = None) -> np.ndarray:
@@ -220,8 +263,10 @@ def generate_batch(chain: Chain, labels: np.ndarray, start: int, timings: dict) 
                                      num_iter=min(s.num_iter, chain.mar.cfg.seq_len), cfg=s.cfg_scale,
                                      cfg_schedule=s.cfg_schedule, temperature=s.temperature, clip_x0=s.clip_x0, generator=generator)
         t2 = time.perf_counter()
-        if chain.decodes_with_kl:
-            images = chain.kl.decode_latents(latents)
+        if chain.uses_stage2:
+            images = chain.kl.decode_latents(latents, chain.latent_norm)
+        elif chain.real_latents is not None:
+            images = chain.kl.decode_latents(latents, POSTERIOR_MEANS)
         else:
             g = int(round(codes.shape[1] ** 0.5))
             images = chain.vq.decode_codes(codes.view(-1, g, g))

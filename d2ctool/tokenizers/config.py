@@ -6,19 +6,20 @@ from dataclasses import dataclass
 from typing import Literal
 
 from d2ctool.config import bounded, nested
+from d2ctool.tokenizers.latent_norm import STATS_IMAGES
 from d2ctool.training.config import TrainConfig
 
 
 @dataclass
 class VQSpec:
-    preset: str = "vq-16"  # architecture of an official checkpoint; our own checkpoints carry theirs
-    checkpoint: str | None = None  # LlamaGen's vq_ds16_c2i.pt, or a `d2c train-tokenizer` output
+    preset: str = "vq-16"  # architecture of an official checkpoint (vq-16, maskgit-f16); our own carry theirs
+    checkpoint: str | None = None  # LlamaGen's vq_ds16_c2i.pt, MaskGIT's .bin, or a `d2c train-tokenizer` output
 
 
 @dataclass
 class KLSpec:
-    preset: str = "kl-16"
-    checkpoint: str | None = None  # MAR's kl16.ckpt, or a `d2c train-tokenizer` output
+    preset: str = "kl-16"  # kl-16 (MAR) or vavae-f16d32 (LightningDiT's VA-VAE)
+    checkpoint: str | None = None  # MAR's kl16.ckpt, VA-VAE's .pt, or a `d2c train-tokenizer` output
 
 
 @dataclass
@@ -35,6 +36,11 @@ class EncodeConfig:
     batch_size: int = bounded(64, min=1)  # images per forward pass (each also encoded h-flipped)
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast on GPU; the CPU always runs fp32
     moments_dtype: Literal["float16", "float32"] = "float16"
+    # how stage 2 normalises the latents: auto = the KL tokenizer's rule (kl-16: scale, vavae-*: channel)
+    latent_norm: Literal["auto", "scale", "channel"] = "auto"
+    latent_stats: str | None = None  # channel: LightningDiT's latents_stats.pt; None: computed after encoding
+    stats_images: int = bounded(STATS_IMAGES, min=2)  # channel statistics from up to this many random images
+    seed: int = 0  # which images (and posterior noise) the statistics use
     loader_threads: int = bounded(8, min=1)  # threads decoding and cropping images
     device: str | None = None  # default: the local GPU under torchrun, else cuda if present, else cpu
 

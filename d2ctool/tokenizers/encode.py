@@ -5,6 +5,12 @@ Each input shard becomes one output shard of the same name holding, per image, `
 index 0 the ADM-cropped image and index 1 its horizontal flip, plus `cls` and the source `json`.
 Shards are written to a temporary name and renamed; a re-run skips finished shards. Under torchrun,
 rank r encodes shards r, r+W, ...; rank 0 writes the manifest once all are done.
+
+The manifest's `latent_norm` is how stage 2 will normalise the latents (tokenizers/latent_norm.py):
+the KL tokenizer's scale factor, or per-channel statistics, read from `encode.latent_stats` or, when
+none is given, computed by rank 0 after the last shard from posterior samples of the stored moments of
+up to `encode.stats_images` randomly chosen images (LightningDiT's rule) and also written as
+`latents_stats.pt` in LightningDiT's layout.
 """
 
 from __future__ import annotations
@@ -21,13 +27,15 @@ import torch
 from d2ctool import __version__, distributed
 from d2ctool.config import to_dict
 from d2ctool.data.reader import decode_image, image_member
-from d2ctool.data.shards import iter_tar, load_manifest, npy_bytes, write_tar
+from d2ctool.data.shards import iter_tar, load_manifest, npy_bytes, read_npy, write_tar
 from d2ctool.data.transforms import adm_center_crop
 from d2ctool.errors import UserError
 from d2ctool.io import atomic_path, sha256_file
 from d2ctool.progress import Progress, info
 from d2ctool.runstate import OutputFolder
 from d2ctool.tokenizers.config import EncodeConfig, TokenizersConfig
+from d2ctool.tokenizers.kl import posterior_latents
+from d2ctool.tokenizers.latent_norm import LatentNorm, channel_stats, load_stats, save_stats
 from d2ctool.tokenizers.load import load_tokenizer
 
 FORMAT = "d2c-encoded-shards"
@@ -80,6 +88,41 @@ def encode_images(vq, kl, images: np.ndarray, device: torch.device, autocast: bo
     return codes.cpu(), moments.cpu()
 
 
+def encoded_channel_stats(out: Path, shards: list[dict], count: int, seed: int) -> LatentNorm:
+    """Per-channel mean / unbiased std of posterior samples (original views) of `count` random encoded images."""
+    total = sum(s["samples"] for s in shards)
+    n = min(count, total)
+    rng = np.random.default_rng(seed)
+    chosen = np.zeros(total, dtype=bool)
+    chosen[rng.choice(total, n, replace=False)] = True
+    noise_rng = np.random.default_rng([seed, 1])
+
+    def batches():
+        start, batch = 0, []
+        for shard in shards:
+            picked = chosen[start:start + shard["samples"]]
+            if picked.any():
+                for (_, members), take in zip(iter_tar(out / shard["file"]), picked):
+                    if take:
+                        batch.append(read_npy(members["moments.npy"])[0].astype(np.float32))
+                    if len(batch) == 256:
+                        yield _sample(np.stack(batch), noise_rng)
+                        batch = []
+            start += shard["samples"]
+        if batch:
+            yield _sample(np.stack(batch), noise_rng)
+
+    mean, std, _ = channel_stats(batches())
+    return LatentNorm.per_channel(mean, std, f"computed by d2c encode: posterior samples of {n} random images "
+                                             f"(original views), seed {seed}")
+
+
+def _sample(moments: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    n, c2, h, w = moments.shape
+    noise = torch.from_numpy(rng.standard_normal((n, c2 // 2, h, w), dtype=np.float32))
+    return posterior_latents(torch.from_numpy(moments), noise)
+
+
 def _load_crop(data: bytes, resolution: int) -> np.ndarray:
     return np.asarray(adm_center_crop(decode_image(data), resolution))
 
@@ -91,11 +134,21 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
     vq, vq_info = load_tokenizer("vq", tokenizers.vq.preset, tokenizers.vq.checkpoint)
     kl, kl_info = load_tokenizer("kl", tokenizers.kl.preset, tokenizers.kl.checkpoint)
     grid = check_grids(cfg.resolution, vq, kl, vq_info.name, kl_info.name)
+    norm_kind = kl.cfg.latent_norm if cfg.latent_norm == "auto" else cfg.latent_norm
+    norm = None
+    if norm_kind == "scale":
+        if cfg.latent_stats:
+            raise UserError(f"encode.latent_stats is set, but the latent normalisation is 'scale' ({kl_info.name}'s "
+                            "default or encode.latent_norm): set encode.latent_norm=channel to use the statistics")
+        norm = LatentNorm.scalar(kl.cfg.scale_factor, f"scale_factor of the KL tokenizer {kl_info.name}")
+    elif cfg.latent_stats:
+        norm = load_stats(cfg.latent_stats, kl.cfg.embed_dim)
     settings = to_dict(cfg)
     for irrelevant in ("batch_size", "loader_threads", "device"):  # do not change what is written
         settings.pop(irrelevant)
     plan = {"source": {"path": str(shards.resolve()), "manifest_sha256": sha256_file(shards / "manifest.json")},
-            "tokenizers": {"vq": vq_info.sha256, "kl": kl_info.sha256}, "encode": settings}
+            "tokenizers": {"vq": vq_info.sha256, "kl": kl_info.sha256}, "encode": settings,
+            "latent_norm": norm.record() if norm else "computed"}
     folder = OutputFolder(out, "encode", plan)
     rank, world, device = distributed.init(cfg.device)
     complete = folder.check()
@@ -138,6 +191,10 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
     distributed.barrier()
     if rank == 0:
         records = folder.records(num_shards)
+        if norm is None:
+            info(f"encode: per-channel latent statistics from up to {cfg.stats_images} images")
+            norm = encoded_channel_stats(out, records, cfg.stats_images, cfg.seed)
+            save_stats(out / "latents_stats.pt", norm)
         folder.finish({
             "format": FORMAT,
             "version": 1,
@@ -152,12 +209,13 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
             "codes": {"dtype": code_type.name, "shape": [2, grid * grid], "order": ["original", "hflip"]},
             "moments": {"dtype": moment_type.name, "shape": [2, 2 * kl.cfg.embed_dim, grid, grid],
                         "layout": "mean then log-variance on channels"},
-            "scale_factor": kl.cfg.scale_factor,
+            "latent_norm": norm.record(),
+            "scale_factor": norm.scale if norm.kind == "scale" else None,
             "tokenizers": {
-                "vq": {**vq_info.record(), "codebook_size": vq.cfg.codebook_size,
+                "vq": {**vq_info.record(), "architecture": vq.architecture, "codebook_size": vq.cfg.codebook_size,
                        "codebook_dim": vq.cfg.codebook_dim, "stride": vq.stride, "grid": [grid, grid]},
-                "kl": {**kl_info.record(), "latent_channels": kl.cfg.embed_dim, "stride": kl.stride,
-                       "grid": [grid, grid], "scale_factor": kl.cfg.scale_factor},
+                "kl": {**kl_info.record(), "architecture": kl.architecture, "latent_channels": kl.cfg.embed_dim,
+                       "stride": kl.stride, "grid": [grid, grid], "scale_factor": kl.cfg.scale_factor},
             },
             "precision": "bf16" if autocast else "fp32",
         })

@@ -1,20 +1,24 @@
-"""The KL tokenizer: LDM's AutoencoderKL as used by MAR (continuous latents).
+"""The KL tokenizer: LDM's AutoencoderKL as used by MAR and by LightningDiT (VA-VAE).
 
 Preset `kl-16` has exactly the state dict of MAR's `AutoencoderKL(embed_dim=16, ch_mult=(1,1,2,2,4))`
-(`kl16.ckpt` loads strictly). Images in [-1, 1] -> posterior moments [B, 2C, h, w] (mean, then
-log-variance clamped to [-30, 20]) -> latents -> images. The latent scale factor lives here and
-nowhere else: `scaled_latents` multiplies by it, `decode_latents` divides by it.
+(`kl16.ckpt` loads strictly); preset `vavae-f16d32` that of LightningDiT's VA-VAE (32 channels, level
+attention at 16 px in encoder and decoder). Images in [-1, 1] -> posterior moments [B, 2C, h, w] (mean,
+then log-variance clamped to [-30, 20]) -> latents -> images. What stage 2 models is the latent mapped
+by a `LatentNorm` (tokenizers/latent_norm.py); `latent_norm` says which rule the tokenizer's latents
+use by default, `scale_factor` is the factor of the scalar rule.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
 from d2ctool.config import bounded
 from d2ctool.tokenizers.blocks import Decoder, Encoder
+from d2ctool.tokenizers.latent_norm import LatentNorm
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -27,7 +31,8 @@ class KLConfig:
     num_res_blocks: int = bounded(2, min=1)
     encoder_attn_levels: list[int] = field(default_factory=lambda: [4])  # MAR: resolution 16 of 256 = level 4
     decoder_attn_levels: list[int] = field(default_factory=list)  # MAR's release: none
-    scale_factor: float = 0.2325
+    latent_norm: Literal["scale", "channel"] = "scale"  # channel: per-channel statistics, computed by encode
+    scale_factor: float = 0.2325  # the factor of the scalar rule
     dropout: float = 0.0
 
     @property
@@ -36,6 +41,8 @@ class KLConfig:
 
 
 class AutoencoderKL(nn.Module):
+    architecture = "ldm-kl"
+
     def __init__(self, cfg: KLConfig):
         super().__init__()
         self.cfg = cfg
@@ -54,18 +61,22 @@ class AutoencoderKL(nn.Module):
         mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
         return torch.cat([mean, logvar.clamp(*LOGVAR_RANGE)], dim=1)
 
+    def scale_norm(self) -> LatentNorm:
+        """The scalar rule with this tokenizer's factor (tokenizer training, and MAR's official stage 2)."""
+        return LatentNorm.scalar(self.cfg.scale_factor, "tokenizer scale_factor")
+
     def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None,
-                             sample: bool = True) -> torch.Tensor:
-        """A posterior sample (or the mean), times the scale factor: what stage 2 models."""
+                             sample: bool = True, norm: LatentNorm | None = None) -> torch.Tensor:
+        """A posterior sample (or the mean), normalised by `norm` (default: the scale factor): what stage 2 models."""
         noise = None
         if sample:
             noise = torch.randn(moments.shape[0], moments.shape[1] // 2, *moments.shape[2:], generator=generator,
                                 device=moments.device)
-        return scaled_latents(moments, self.cfg.scale_factor, noise)
+        return (norm or self.scale_norm()).apply(posterior_latents(moments, noise))
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (as stage 2 produces them) -> images."""
-        return self.decoder(self.post_quant_conv(latents / self.cfg.scale_factor))
+    def decode_latents(self, latents: torch.Tensor, norm: LatentNorm | None = None) -> torch.Tensor:
+        """Normalised latents (as stage 2 produces them) -> images; `norm` as in `latents_from_moments`."""
+        return self.decoder(self.post_quant_conv((norm or self.scale_norm()).invert(latents)))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction from a posterior sample, moments): the training pass."""
@@ -81,13 +92,12 @@ def posterior_kl(moments: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.sum(mean**2 + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3]).mean()
 
 
-def scaled_latents(moments: torch.Tensor, scale_factor: float, noise: torch.Tensor | None) -> torch.Tensor:
-    """(mean + exp(logvar / 2) * noise) * scale_factor, or mean * scale_factor without noise.
+def posterior_latents(moments: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """mean + exp(logvar / 2) * noise (a posterior sample), or the mean without noise; float32.
 
-    The one place the encode side applies the scale; `AutoencoderKL.decode_latents` undoes it. Stage-2
-    training calls it on stored moments with the scale factor recorded in the encode manifest.
+    Stage-2 training calls it on stored moments and then applies the encode manifest's `LatentNorm`.
     """
     mean, logvar = moments.float().chunk(2, dim=1)
     if noise is not None:
         mean = mean + torch.exp(0.5 * logvar) * noise
-    return mean * scale_factor
+    return mean

@@ -1,4 +1,11 @@
-"""Build tokenizers from presets and load checkpoints: official containers or our own format."""
+"""Build tokenizers from presets and load checkpoints: official containers or our own format.
+
+Each kind has architectures (VQ: LlamaGen's VQ and the MaskGIT VQGAN; KL: LDM's AutoencoderKL); a
+preset names a config of one of them and our own checkpoints record which. Official KL files of
+VA-VAE are Lightning training checkpoints: `{'state_dict': ...}` that also hold the loss, the DINOv2
+foundation model and its projection. Those keys are dropped by name (and listed); everything else
+loads strictly.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,9 @@ from d2ctool.checkpoints import LoadedWeights, load_file, load_strict, unwrap
 from d2ctool.config import ConfigError, build
 from d2ctool.errors import UserError
 from d2ctool.io import atomic_path, sha256_file
+from d2ctool.progress import info as log
 from d2ctool.tokenizers.kl import AutoencoderKL, KLConfig
+from d2ctool.tokenizers.maskgit import MaskGITConfig, MaskGITVQ
 from d2ctool.tokenizers.vq import VQConfig, VQModel
 
 PRESETS = {
@@ -22,6 +31,9 @@ PRESETS = {
                                usage_window=4096),
         "vq-tiny-s8": VQConfig(codebook_size=512, ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1, z_channels=32,
                                usage_window=4096),
+        "maskgit-f16": MaskGITConfig(),  # bytedance/1d-tokenizer maskgit-vqgan-imagenet-f16-256.bin
+        "maskgit-tiny-s4": MaskGITConfig(codebook_size=256, codebook_dim=32, ch=32, ch_mult=[1, 2, 2],
+                                         num_res_blocks=1),
     },
     "kl": {
         "kl-16": KLConfig(),  # MAR kl16
@@ -29,13 +41,23 @@ PRESETS = {
                                scale_factor=1.0),
         "kl-tiny-s8": KLConfig(embed_dim=4, ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1, encoder_attn_levels=[3],
                                scale_factor=1.0),
+        # LightningDiT vavae-imagenet256-f16d32-dinov2.pt; its latents are normalised per channel
+        "vavae-f16d32": KLConfig(embed_dim=32, decoder_attn_levels=[4], latent_norm="channel", scale_factor=1.0),
+        "vavae-tiny-s4": KLConfig(embed_dim=8, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, encoder_attn_levels=[2],
+                                  decoder_attn_levels=[2], latent_norm="channel", scale_factor=1.0),
     },
 }
-CONFIGS = {"vq": VQConfig, "kl": KLConfig}
-MODELS = {"vq": VQModel, "kl": AutoencoderKL}
+# architecture name -> (kind, config class, model class); our own checkpoints record the name
+ARCHITECTURES = {model.architecture: (kind, cfg, model) for kind, cfg, model in
+                 (("vq", VQConfig, VQModel), ("vq", MaskGITConfig, MaskGITVQ), ("kl", KLConfig, AutoencoderKL))}
+DEFAULT_ARCHITECTURE = {"vq": VQModel.architecture, "kl": AutoencoderKL.architecture}  # files saved before the field
 # which entry of an official container holds the weights to use, in order of preference
 OFFICIAL_KEYS = {"vq": ("ema", "model", "state_dict"), "kl": ("model", "state_dict")}
+# key prefixes of training-only modules in official KL files (VA-VAE's Lightning checkpoint)
+TRAINING_ONLY = {"vq": (), "kl": ("loss.", "foundation_model.", "linear_proj.")}
 OWN_FORMAT = "d2c-tokenizer"
+OFFICIAL_HINT = {"vq": "LlamaGen's vq_ds16_c2i.pt (preset vq-16) or maskgit-vqgan-imagenet-f16-256.bin (maskgit-f16)",
+                 "kl": "MAR's kl16.ckpt (preset kl-16) or vavae-imagenet256-f16d32-dinov2.pt (vavae-f16d32)"}
 
 
 def preset_config(kind: str, preset: str):
@@ -46,12 +68,30 @@ def preset_config(kind: str, preset: str):
 
 
 def build_tokenizer(kind: str, cfg) -> torch.nn.Module:
-    return MODELS[kind](cfg)
+    for arch_kind, cfg_class, model_class in ARCHITECTURES.values():
+        if isinstance(cfg, cfg_class):
+            assert arch_kind == kind, f"a {type(cfg).__name__} is a {arch_kind} config, not {kind}"
+            return model_class(cfg)
+    raise TypeError(f"no tokenizer architecture takes a {type(cfg).__name__}")
+
+
+def drop_training_only(kind: str, state_dict: dict, expected: dict) -> tuple[dict, dict[str, int]]:
+    """Remove keys of training-only modules (by prefix) that the model does not have; count them per prefix."""
+    dropped: dict[str, int] = {}
+    kept = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in TRAINING_ONLY[kind] if key.startswith(p)), None)
+        if prefix is not None and key not in expected:
+            dropped[prefix + "*"] = dropped.get(prefix + "*", 0) + 1
+        else:
+            kept[key] = value
+    return kept, dropped
 
 
 def save_tokenizer(path: str | Path, model: torch.nn.Module, kind: str, name: str = "custom", extra: dict | None = None):
     """Write a tokenizer in our own format: its architecture travels with the weights."""
-    payload = {"format": OWN_FORMAT, "kind": kind, "name": name, "config": dataclasses.asdict(model.cfg),
+    payload = {"format": OWN_FORMAT, "kind": kind, "architecture": model.architecture, "name": name,
+               "config": dataclasses.asdict(model.cfg),
                "model": model.state_dict(), **(extra or {})}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -60,15 +100,18 @@ def save_tokenizer(path: str | Path, model: torch.nn.Module, kind: str, name: st
 def load_tokenizer(kind: str, preset: str, checkpoint: str | None) -> tuple[torch.nn.Module, LoadedWeights]:
     """The tokenizer with its weights (CPU, eval mode) and a record of what was loaded."""
     if checkpoint is None:
-        hint = {"vq": "LlamaGen's vq_ds16_c2i.pt", "kl": "MAR's kl16.ckpt"}[kind]
-        raise UserError(f"tokenizers.{kind}.checkpoint is not set: give {hint} (with preset {preset}) or a "
-                        f"tokenizer trained with `d2c train-tokenizer {kind}`")
+        raise UserError(f"tokenizers.{kind}.checkpoint is not set: give {OFFICIAL_HINT[kind]} (preset given: "
+                        f"{preset}) or a tokenizer trained with `d2c train-tokenizer {kind}`")
     obj = load_file(checkpoint)
     if obj.get("format") == OWN_FORMAT:
         if obj.get("kind") != kind:
             raise UserError(f"{checkpoint} is a {obj.get('kind')} tokenizer, but tokenizers.{kind} needs a {kind} one")
+        architecture = obj.get("architecture", DEFAULT_ARCHITECTURE[kind])
+        if architecture not in ARCHITECTURES:
+            raise UserError(f"{checkpoint}: unknown tokenizer architecture '{architecture}' (this d2ctool knows "
+                            f"{', '.join(ARCHITECTURES)})")
         try:
-            cfg = build(CONFIGS[kind], obj["config"])
+            cfg = build(ARCHITECTURES[architecture][1], obj["config"])
         except ConfigError as e:
             raise UserError(f"{checkpoint}: its tokenizer config is invalid ({e})") from None
         name, state_dict, weights = obj.get("name", "custom"), obj.get("ema") or obj["model"], "ema" if obj.get("ema") else "model"
@@ -77,6 +120,11 @@ def load_tokenizer(kind: str, preset: str, checkpoint: str | None) -> tuple[torc
         name = preset
         state_dict, weights = unwrap(obj, OFFICIAL_KEYS[kind], checkpoint)
     model = build_tokenizer(kind, cfg)
+    state_dict, dropped = drop_training_only(kind, state_dict, model.state_dict())
+    if dropped:
+        listed = ", ".join(f"{n} {p}" for p, n in dropped.items())
+        weights += f" (dropped training-only keys: {listed})"
+        log(f"{checkpoint}: dropped {sum(dropped.values())} training-only key(s) of {name}: {listed}")
     load_strict(model, state_dict, str(checkpoint), f"the {kind} tokenizer '{name}'")
     info = LoadedWeights(name, str(Path(checkpoint).resolve()), sha256_file(checkpoint), dataclasses.asdict(cfg),
                          weights, kind)

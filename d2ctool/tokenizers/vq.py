@@ -16,7 +16,7 @@ from d2ctool.config import bounded
 from d2ctool.tokenizers.blocks import Decoder, Encoder
 
 # nearest-code search in chunks of this many vectors: bounds the [chunk, codebook] distance matrix
-_SEARCH_CHUNK = 4096
+SEARCH_CHUNK = 4096
 
 
 @dataclass
@@ -52,7 +52,7 @@ class VectorQuantizer(nn.Module):
         codebook = self.codebook().float()
         code_sq = (codebook**2).sum(1)
         out = []
-        for chunk in z.split(_SEARCH_CHUNK):
+        for chunk in z.split(SEARCH_CHUNK):
             dist = (chunk**2).sum(1, keepdim=True) + code_sq - 2 * chunk @ codebook.t()
             out.append(dist.argmin(1))
         return torch.cat(out)
@@ -63,6 +63,8 @@ class VectorQuantizer(nn.Module):
 
 
 class VQModel(nn.Module):
+    architecture = "llamagen-vq"
+
     def __init__(self, cfg: VQConfig):
         super().__init__()
         self.cfg = cfg
