@@ -36,7 +36,7 @@ reproduce: install
 
 R := --recipe $(RECIPE)
 TOK := --set tokenizers.vq.checkpoint=$(RUN)/vq/tokenizer.pt --set tokenizers.kl.checkpoint=$(RUN)/kl/tokenizer.pt
-SAMPLE = $(D2C) sample $(RUN)/samples/$* $(R) $(TOK) --set sample.discrete=$(RUN)/discrete \
+SAMPLE = $(D2C) sample $(@D) $(R) $(TOK) --set sample.discrete=$(RUN)/discrete \
 	--set sample.oracle_data=$(RUN)/encoded-val
 FID_REF := $(RUN)/val-ref.npz
 # table order: the ceilings, the two baselines, the method per fusion, stage 2's ceiling per fusion
