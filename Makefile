@@ -20,7 +20,7 @@ VAL_PER_CLASS ?= 20
 $(BIN)/d2c: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fid]'
 	touch $@
 
 install: $(BIN)/d2c
@@ -91,6 +91,8 @@ bench: install
 	$(BIN)/python bench/discrete.py
 	$(BIN)/python bench/continuous.py
 	$(BIN)/python bench/fid.py
+	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/gpu.py
 
 clean:
 	rm -rf $(RUN)

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from d2ctool.discrete.config import SamplingConfig, preset
 from d2ctool.discrete.generate import generate
-from d2ctool.discrete.load import data_config
-from d2ctool.discrete.model import GPT
+from d2ctool.discrete.load import build_model, data_config
 
 
 def timed(fn, device, repeat: int) -> float:
@@ -47,7 +46,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     torch.manual_seed(0)
-    model = GPT(data_config(preset(args.model), args.vocab, args.grid, args.classes)).to(device)
+    model = build_model(data_config(preset(args.model), args.vocab, args.grid, args.classes)).to(device)
     n = args.grid**2
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     codes = torch.randint(0, args.vocab, (args.train_batch, n), device=device)

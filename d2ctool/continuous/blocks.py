@@ -46,10 +46,16 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `memory` [B, Lc, C], split into heads: computed once when the memory is constant."""
         k, v = self.kv(memory).chunk(2, dim=-1)
-        q, k, v = (_heads(t, self.heads) for t in (self.q(x), k, v))
+        return _heads(k, self.heads), _heads(v, self.heads)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """`memory`: the memory tokens, or their `memory_kv` computed beforehand."""
+        b, n, c = x.shape
+        k, v = memory if isinstance(memory, tuple) else self.memory_kv(memory)
+        q = _heads(self.q(x), self.heads)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 
@@ -80,7 +86,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         if hasattr(self, "cross_attn"):
             x = x + self.cross_attn(self.norm_cross(x), memory)

@@ -38,11 +38,17 @@ class CodeContext:
     decoder_tokens_pos: torch.Tensor | None = None  # [1, K, Dd] decoder position embedding of those tokens
     encoder_memory: torch.Tensor | None = None  # [B, Lc, De] for cross-attention
     decoder_memory: torch.Tensor | None = None  # [B, Lc, Dd]
+    # sampling: each block's cross-attention (keys, values) of the memory, computed once (MAR.memory_kv)
+    encoder_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    decoder_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def doubled(self) -> "CodeContext":
         """The context for a batch that is stacked twice (conditional and unconditional CFG halves)."""
+        def double(v):
+            return [(torch.cat([k, k]), torch.cat([w, w])) for k, w in v] if isinstance(v, list) else torch.cat([v, v])
+
         batched = {k: v for k, v in vars(self).items() if v is not None and k != "decoder_tokens_pos"}
-        return replace(self, **{k: torch.cat([v, v]) for k, v in batched.items()})
+        return replace(self, **{k: double(v) for k, v in batched.items()})
 
 
 class CodeEmbedding(nn.Module):

@@ -14,6 +14,7 @@ Fusion `none` has exactly the state dict of MAR's official models (`diffloss.net
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -188,13 +189,24 @@ class MAR(nn.Module):
 
     # ----- transformer --------------------------------------------------------------------------------
 
-    def _run(self, blocks: nn.ModuleList, x: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
-        for block in blocks:
+    def _run(self, blocks: nn.ModuleList, x: torch.Tensor, memory: torch.Tensor | list | None) -> torch.Tensor:
+        """`memory`: the cross-attention memory, or a list of each block's precomputed (keys, values)."""
+        for i, block in enumerate(blocks):
+            m = memory[i] if isinstance(memory, list) else memory
             if self.cfg.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, memory, use_reentrant=False)
+                x = checkpoint(block, x, m, use_reentrant=False)
             else:
-                x = block(x, memory)
+                x = block(x, m)
         return x
+
+    def memory_kv(self, ctx: CodeContext | None) -> CodeContext | None:
+        """For sampling, where the codes stay fixed: every block's cross-attention keys and values of the code
+        memory, computed once per run instead of at every step (fusion crossattn; other contexts unchanged)."""
+        if ctx is None or ctx.encoder_memory is None:
+            return ctx
+        return replace(ctx, encoder_memory=None, decoder_memory=None,
+                       encoder_kv=[b.cross_attn.memory_kv(ctx.encoder_memory) for b in self.encoder_blocks],
+                       decoder_kv=[b.cross_attn.memory_kv(ctx.decoder_memory) for b in self.decoder_blocks])
 
     def _keep(self, mask: torch.Tensor) -> torch.Tensor:
         """Positions the encoder sees: the buffer and the unmasked tokens. [B, buffer + L] bool."""
@@ -212,7 +224,7 @@ class MAR(nn.Module):
         x = x[self._keep(mask)].reshape(b, -1, d)
         if ctx is not None and ctx.encoder_tokens is not None:
             x = torch.cat([ctx.encoder_tokens.to(x.dtype), x], dim=1)
-        x = self._run(self.encoder_blocks, x, None if ctx is None else ctx.encoder_memory)
+        x = self._run(self.encoder_blocks, x, None if ctx is None else ctx.encoder_kv or ctx.encoder_memory)
         return self.encoder_norm(x)
 
     def decode(self, x: torch.Tensor, mask: torch.Tensor, ctx: CodeContext | None = None) -> torch.Tensor:
@@ -231,7 +243,7 @@ class MAR(nn.Module):
             if ctx.decoder_tokens_pos is not None:
                 extra = extra + ctx.decoder_tokens_pos
             x = torch.cat([extra.to(x.dtype), x], dim=1)
-        x = self._run(self.decoder_blocks, x, None if ctx is None else ctx.decoder_memory)
+        x = self._run(self.decoder_blocks, x, None if ctx is None else ctx.decoder_kv or ctx.decoder_memory)
         x = self.decoder_norm(x)[:, k + buf:]
         return x + self.diffusion_pos_embed_learned
 

@@ -47,7 +47,7 @@ def sample_latents(model: MAR, labels: torch.Tensor | None, codes: torch.Tensor 
     model.eval()
     try:
         seq_len, guided = model.cfg.seq_len, cfg != 1.0
-        ctx = model.code_context(codes)
+        ctx = model.memory_kv(model.code_context(codes))  # crossattn: keys/values once, on the un-doubled batch
         class_emb = model.class_embedding(labels, bsz)
         if guided:
             class_emb = torch.cat([class_emb, model.fake_latent.expand(bsz, -1)])

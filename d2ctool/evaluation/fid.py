@@ -17,13 +17,15 @@ from d2ctool.config import to_dict
 from d2ctool.errors import UserError
 from d2ctool.evaluation import metrics as M
 from d2ctool.evaluation.cache import FeatureCache, make_cache
-from d2ctool.evaluation.features import RANDOM_LABEL, Extractor, Features, full_float32
+from d2ctool.evaluation.features import RANDOM_LABEL, Extractor, Features, extractor_label, full_float32
 from d2ctool.evaluation.inputs import ImageSet, ReferenceNpz, load_reference_npz, open_images
 from d2ctool.evaluation.reference import cached_reference, extract_features, versions
+from d2ctool.evaluation.weights import WEIGHTS_FILE
 from d2ctool.io import sha256_file, write_json
 from d2ctool.progress import info
 
 ADM_NUM_SAMPLES = 50_000
+STORED_STATISTICS = "stored mu/sigma of the reference file"
 
 
 @dataclass
@@ -49,7 +51,7 @@ def stored_stats_usable(meta: dict | None, extractor: Extractor) -> tuple[bool, 
         made_by = "the ADM evaluator's TensorFlow Inception (an official reference batch)"
         return (extractor.network == "inception" and extractor.mode == "legacy_tensorflow"), made_by
     theirs = meta.get("extractor", {})
-    made_by = f"{theirs.get('name')} ({theirs.get('mode')}, weights sha256 {str(theirs.get('weights_sha256'))[:12]})"
+    made_by = extractor_label(theirs)
     same = all(theirs.get(k) == v for k, v in (("name", extractor.network), ("mode", extractor.mode),
                                                 ("weights_sha256", extractor.weights_sha256)))
     return same, made_by
@@ -95,7 +97,7 @@ def reference_features(ref: ReferenceNpz | ImageSet, extractor: Extractor, cfg, 
         if usable:
             mu, sigma = ref.stats["mu"], ref.stats["sigma"]
             mu_s, sigma_s = (ref.stats["mu_s"], ref.stats["sigma_s"]) if ref.has_spatial_stats else (None, None)
-            info_["statistics"] = "stored mu/sigma of the reference file"
+            info_["statistics"] = STORED_STATISTICS
             if ref.meta is not None:
                 info_["statistics_images"] = ref.meta.get("num_images")
             if mu_s is None and spatial is not None:
@@ -132,12 +134,35 @@ def compute_metrics(samples: Features, ref: RefFeatures, *, is_split_size: int =
         out["sfid"] = M.frechet_distance_to(samples.spatial, ref.mu_s, ref.sigma_s, device)
     else:
         out["sfid"] = None
-    out["inception_score"] = M.inception_score(samples.logits, is_split_size)
+    if samples.logits.shape[1] > 0:
+        out["inception_score"] = M.inception_score(samples.logits, is_split_size)
+    else:
+        out["inception_score"] = None
+        out["inception_score_reason"] = "no logits: the Inception weights have no logits layer"
     if ref.pool is not None and len(ref.pool) > k and len(samples) > k:
         out["precision"], out["recall"] = M.precision_recall(ref.pool, samples.pool, k, pr_batch_size, device)
     else:
         out["precision"] = out["recall"] = None
     return out
+
+
+def comparability(extractor: Extractor, num_samples: int, ref_info: dict) -> list[str]:
+    """Why these numbers are not comparable to published ImageNet figures (empty: they are). Published numbers use
+    the verified 2015-12-05 Inception, the legacy_tensorflow pipeline, 50,000 samples and an ADM reference batch
+    (the stored statistics of an npz that d2c did not write, e.g. VIRTUAL_imagenet256_labeled.npz)."""
+    reasons = []
+    if extractor.random:
+        reasons.append("random Inception weights")
+    elif not extractor.verified:
+        reasons.append("Inception weights not verified (feature tensors differ from the pinned ones)")
+    if extractor.mode != "legacy_tensorflow":
+        reasons.append(f"mode {extractor.mode}, not legacy_tensorflow")
+    if num_samples != ADM_NUM_SAMPLES:
+        reasons.append(f"{num_samples} samples, not {ADM_NUM_SAMPLES}")
+    if ref_info.get("kind") != "npz" or ref_info.get("d2c_meta") or \
+            ref_info.get("statistics") != STORED_STATISTICS:
+        reasons.append("reference is not an ADM reference batch's stored statistics")
+    return reasons
 
 
 def default_out(samples: str | Path) -> Path:
@@ -177,6 +202,9 @@ def run_fid(samples_path: str | Path, ref_path: str | Path, cfg, out: str | Path
         values = compute_metrics(sample_feats, ref, is_split_size=cfg.is_split_size, k=cfg.pr_k,
                                  pr_batch_size=cfg.pr_batch_size, device=extractor.device)
 
+    if values["inception_score"] is None and extractor.weights is not None:
+        values["inception_score_reason"] = (f"no logits: {extractor.weights.logits_note}; NVIDIA's {WEIGHTS_FILE} "
+                                            "has them (see --inception-weights)")
     notes = []
     if len(samples) != ADM_NUM_SAMPLES:
         notes.append(f"{len(samples)} samples; the papers' protocol uses {ADM_NUM_SAMPLES:,} class-balanced samples "
@@ -188,11 +216,18 @@ def run_fid(samples_path: str | Path, ref_path: str | Path, cfg, out: str | Path
     if values["precision"] is None:
         notes.append("precision/recall not computed: the reference has no images (arr_0) or a set has <= "
                      f"{cfg.pr_k} images")
+    if values["inception_score"] is None:
+        notes.append(f"Inception Score not computed: {values['inception_score_reason']}")
+    elif extractor.weights is not None and extractor.weights.logits_note:
+        notes.append(f"Inception Score: {extractor.weights.logits_note}")
     if values["sfid"] is None:
         notes.append("sFID not computed: the reference has no spatial statistics (mu_s/sigma_s) nor images")
 
+    not_comparable = comparability(extractor, len(samples), ref.info)
     metrics = {**({"WARNING": RANDOM_LABEL} if extractor.random else {}),
                **values,
+               "comparable_to_published": not not_comparable,
+               "not_comparable_because": not_comparable,
                "num_samples": len(samples),
                "num_reference_images": None if ref.pool is None else len(ref.pool),
                "num_reference_statistics_images": ref.info.get("statistics_images"),
@@ -226,10 +261,14 @@ def format_table(metrics: dict) -> str:
     lines = []
     if "WARNING" in metrics:
         lines.append(f"!! {metrics['WARNING']}")
-    lines.append(f"extractor: {ext['name']} ({ext['mode']}), weights sha256 {ext['weights_sha256'][:16]}"
-                 + (" [RANDOM WEIGHTS]" if ext["name"] == "inception-random" else ""))
+    lines.append(f"extractor: {extractor_label(ext)}" + (" [RANDOM WEIGHTS]" if ext["name"] == "inception-random"
+                                                         else ""))
     lines.append(f"samples:   {metrics['samples']['path']}")
     lines.append(f"reference: {metrics['reference']['path']} ({metrics['reference']['statistics']})")
     lines += [f"  {name:<{width}}  {value:>12}" for name, value in rows]
+    if metrics.get("comparable_to_published"):
+        lines.append("comparable to published numbers (verified weights, ADM protocol)")
+    elif "not_comparable_because" in metrics:
+        lines.append(f"not comparable to published numbers: {'; '.join(metrics['not_comparable_because'])}")
     lines += [f"note: {n}" for n in metrics["notes"]]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """The generation chain of each sampling mode, its compatibility checks, and one batch of images.
 
-two-stage        labels -> stage-1 codes (KV-cache GPT) -> stage-2 latents conditioned on them -> KL decode
+two-stage        labels -> stage-1 codes (KV-cache GPT or RAR) -> stage-2 latents conditioned on them -> KL decode
 discrete-only    labels -> stage-1 codes -> VQ decode                       (the LlamaGen baseline)
 continuous-only  labels -> stage-2 latents, fusion none -> KL decode        (the MAR baseline)
 oracle-codes     real images' codes and labels -> stage-2 latents -> KL decode  (stage 2's upper bound)
@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from d2ctool.checkpoints import LoadedWeights
 from d2ctool.continuous.load import load_mar
 from d2ctool.continuous.sample import sample_latents
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.shards import read_npy
-from d2ctool.discrete.config import preset as gpt_preset
+from d2ctool.discrete.config import preset as stage1_preset
 from d2ctool.discrete.generate import generate
-from d2ctool.discrete.load import data_config, load_gpt
-from d2ctool.checkpoints import LoadedWeights
+from d2ctool.discrete.load import data_config, family, load_stage1
 from d2ctool.errors import UserError
 from d2ctool.sampling.config import SampleConfig
 from d2ctool.tokenizers.config import TokenizersConfig
@@ -45,7 +45,7 @@ class Chain:
     cfg: SampleConfig
     device: torch.device
     num_classes: int
-    gpt: torch.nn.Module | None = None
+    gpt: torch.nn.Module | None = None  # the stage-1 model: LlamaGen's GPT or RAR
     mar: torch.nn.Module | None = None
     vq: torch.nn.Module | None = None
     kl: torch.nn.Module | None = None
@@ -103,6 +103,17 @@ def stage2_latent_norm(stage2: LoadedWeights, kl, kl_info: LoadedWeights, vq_inf
     return LatentNorm.from_record(data["latent_norm"])
 
 
+def _check_stage1_fits_vq(stage1, path: str, vq, vq_path: str | None, grid: int | None) -> None:
+    """The stage-1 model's codes must be the VQ tokenizer's: the same codebook size (and, for an official
+    file, the token grid that sample.image_size gives with the tokenizer's stride)."""
+    if stage1.vocab_size != vq.cfg.codebook_size or (grid is not None and stage1.grid != grid):
+        where = f" and a {grid}x{grid} grid" if grid is not None else ""
+        raise UserError(f"the stage-1 {family(stage1).upper()} model {path} makes {stage1.grid}x{stage1.grid} codes "
+                        f"from a vocabulary of {stage1.vocab_size}, but the VQ tokenizer {vq_path or '(preset)'} has a "
+                        f"codebook of {vq.cfg.codebook_size}{where}: give the tokenizer the stage-1 model was "
+                        "trained with")
+
+
 def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.device) -> Chain:
     """Load what the mode needs and check that the pieces fit together, before any sampling."""
     mode = cfg.mode
@@ -115,18 +126,17 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
         kl, kl_info = load_tokenizer("kl", tokenizers.kl.preset, tokenizers.kl.checkpoint)
         loaded["kl"] = kl_info.record()
     if mode in ("two-stage", "discrete-only"):
-        path = _require(cfg.discrete, "sample.discrete (a train-discrete run or LlamaGen's c2i_*.pt)", mode)
-        official = None
+        path = _require(cfg.discrete, "sample.discrete (a train-discrete run, LlamaGen's c2i_*.pt or RAR's rar_*.bin)",
+                        mode)
+        official = grid = None
         if not _is_our_run(path):
             grid = cfg.image_size // vq.stride
-            official = data_config(gpt_preset(cfg.discrete_preset), vq.cfg.codebook_size, grid,
-                                   num_classes=1000)  # LlamaGen's released c2i models are ImageNet-1k
-        gpt, info = load_gpt(path, official, use_ema=cfg.use_ema)
-        loaded["stage1"] = {**info, "config": dataclasses.asdict(gpt.cfg)}
-        if gpt.cfg.vocab_size != vq.cfg.codebook_size:
-            raise UserError(f"the stage-1 model {path} makes codes of a {gpt.cfg.vocab_size}-code vocabulary, but the "
-                            f"VQ tokenizer {vq_info.name} ({vq_info.checkpoint}) has {vq.cfg.codebook_size} codes: "
-                            "give the tokenizer it was trained with")
+            official = data_config(stage1_preset(cfg.discrete_preset), vq.cfg.codebook_size, grid,
+                                   num_classes=1000)  # the released c2i models are ImageNet-1k
+        gpt, info = load_stage1(path, official, use_ema=cfg.use_ema)
+        loaded["stage1"] = {**info, "family": family(gpt.cfg), "config": dataclasses.asdict(gpt.cfg),
+                            "sampling": dataclasses.asdict(cfg.stage1.resolved())}
+        _check_stage1_fits_vq(gpt.cfg, path, vq, tokenizers.vq.checkpoint, grid)
     if mode in ("two-stage", "continuous-only", "oracle-codes"):
         path = _require(cfg.continuous, "sample.continuous (a train-continuous run or MAR's mar_*.pth)", mode)
         mar, stage2_info = load_mar(cfg.continuous_preset, path, {"num_sampling_steps": cfg.stage2.num_sampling_steps},
@@ -144,8 +154,9 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
                             f"decodes {kl.cfg.embed_dim}: give the tokenizer it was trained with")
     if mode == "two-stage":
         if (gpt.cfg.vocab_size, gpt.cfg.grid) != (mar.cfg.code_vocab, mar.cfg.code_size):
-            raise UserError(f"stage 1 makes {gpt.cfg.grid}x{gpt.cfg.grid} codes of {gpt.cfg.vocab_size}, but stage 2 "
-                            f"was trained on {mar.cfg.code_size}x{mar.cfg.code_size} codes of {mar.cfg.code_vocab}")
+            raise UserError(f"stage 1 ({cfg.discrete}) makes {gpt.cfg.grid}x{gpt.cfg.grid} codes of "
+                            f"{gpt.cfg.vocab_size}, but stage 2 ({cfg.continuous}) was trained on "
+                            f"{mar.cfg.code_size}x{mar.cfg.code_size} codes of {mar.cfg.code_vocab}")
         if gpt.cfg.num_classes != mar.cfg.num_classes:
             raise UserError(f"stage 1 knows {gpt.cfg.num_classes} classes, stage 2 {mar.cfg.num_classes}")
         if vq.stride != kl.stride:

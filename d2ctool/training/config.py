@@ -32,3 +32,14 @@ class TrainConfig:
     num_workers: int = bounded(4, min=0)  # DataLoader worker processes per rank
     shuffle_buffer: int = bounded(1000, min=0)
     device: str | None = None  # default: the local GPU under torchrun, else cuda if present, else cpu
+
+
+@dataclass
+class PlanConfig:
+    """Recipe section `plan`: what `d2c plan` assumes about the data and the cluster (no data is read)."""
+
+    train_images: int = bounded(1_281_167, min=1)  # ImageNet-1k train
+    num_classes: int = bounded(1000, min=1)
+    gpus: int = bounded(8, min=1)  # ranks of the run: nodes x GPUs per node
+    gpu: Literal["a100", "h100", "h200"] = "h100"  # SXM parts, dense bf16 peak: 312 / 989 / 989 TFLOP/s
+    mfu: float = bounded(0.35, min=0.01, max=1.0)  # model FLOPs utilisation assumed for the wall time

@@ -53,6 +53,8 @@ class TrainingTask(Protocol):
 
     def after_step(self, model: nn.Module, step: int) -> None: ...
 
+    # optional: before_step(model, step) runs before optimizer step `step` (0-based), also after a resume
+
     def write_grid(self, model: nn.Module, path: Path, device: torch.device) -> None: ...
 
     def finish(self, model: nn.Module, run_dir: Path, device: torch.device) -> dict: ...
@@ -257,6 +259,8 @@ class Trainer:
             while step < cfg.steps:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, cfg)
+                if hasattr(task, "before_step"):  # optional: per-step schedules on the model (RAR's permutation)
+                    task.before_step(model, step)
                 totals: dict[str, float] = {}
                 for micro in range(cfg.grad_accum):
                     batch = next(stream)
