@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,16 @@ class LoadedWeights:
         return dataclasses.asdict(self)
 
 
+def blocked_global(message: str) -> str | None:
+    """The Python object torch's weights-only unpickler refused, from its error message (None if another error).
+
+    torch 2.14 says "Unsupported global: GLOBAL mod.Name was not an allowed global by default" for an unknown
+    class and "Trying to load unsupported GLOBAL mod.name whose module mod is blocked" for os, subprocess, etc.
+    """
+    found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", message, re.IGNORECASE)
+    return found.group(1) if found else None
+
+
 def load_file(path: str | Path) -> dict:
     """torch.load with weights_only=True. MAR's training checkpoints pickle an argparse.Namespace
     (`args`); that one class is allow-listed, nothing else is unpickled."""
@@ -39,12 +50,15 @@ def load_file(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's note on an unusual pickle protocol: the error says it all
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # a real OS fault (permission, vanished file): the CLI names the path
     except Exception as e:  # noqa: BLE001 - any failure here means "not a checkpoint we can read safely"
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        unsafe = blocked_global(str(e))
         if unsafe:
-            raise UserError(f"{path}: holds a pickled Python object ({unsafe.group(1)}) that is not loaded for "
+            raise UserError(f"{path}: holds a pickled Python object ({unsafe}) that is not loaded for "
                             "safety; re-save its state dict with torch.save({'model': state_dict})") from None
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(obj, dict):

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from d2ctool.errors import UserError
+from d2ctool.errors import UserError, describe_os_error, one_line
 
 app = typer.Typer(
     help="d2c: train and evaluate two-stage discrete -> continuous autoregressive image generators (D2C, DisCon).",
@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 
 RecipeOption = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe YAML file (defaults apply without one).")]
+VerifyOption = Annotated[bool, typer.Option(
+    "--verify", help="Check every input shard's sha256 against its manifest before training (reads them once).")]
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a recipe value: dotted.key=value, e.g. prepare.shard_size=500 (repeatable).")]
 
@@ -111,6 +113,7 @@ def train_tokenizer(
     out: Annotated[Path, typer.Argument(help="Run folder (created; resumable). The tokenizer is OUT/tokenizer.pt.")],
     recipe: RecipeOption = None,
     set_: SetOption = None,
+    verify: VerifyOption = False,
 ):
     """Train a small VQ or KL tokenizer on image shards (ImageNet users load the official ones)."""
     from d2ctool.config import to_dict
@@ -120,6 +123,8 @@ def train_tokenizer(
     if kind not in ("vq", "kl"):
         raise UserError(f"train-tokenizer: KIND must be vq or kl, got {kind!r}")
     recipe_cfg = _recipe(recipe, set_, "tokenizer_training")
+    if verify:
+        _verify_shards(shards, recipe_cfg.tokenizer_training.val)
     result = run(kind, shards, out, recipe_cfg.tokenizer_training, to_dict(recipe_cfg.tokenizer_training),
                  recipe_yaml(recipe_cfg))
     _report_training(f"train-tokenizer {kind}", result)
@@ -128,29 +133,32 @@ def train_tokenizer(
 @app.command("train-discrete", epilog="Examples:\n\n  d2c train-discrete --recipe recipes/tiny.yaml\n\n"
                     "  torchrun --nproc_per_node 8 -m d2ctool train-discrete --recipe my.yaml "
                     "--set discrete.model=gpt-b --set discrete.train.global_batch_size=256")
-def train_discrete(recipe: RecipeOption = None, set_: SetOption = None):
+def train_discrete(recipe: RecipeOption = None, set_: SetOption = None, verify: VerifyOption = False):
     """Train the stage-1 GPT (LlamaGen) on encoded shards (discrete.data) into a run folder (discrete.out)."""
     from d2ctool.discrete.train import train_discrete as run
 
-    _train_stage("train-discrete", "discrete", run, recipe, set_)
+    _train_stage("train-discrete", "discrete", run, recipe, set_, verify)
 
 
 @app.command("train-continuous", epilog="Examples:\n\n  d2c train-continuous --recipe recipes/tiny.yaml\n\n"
                     "  torchrun --nproc_per_node 8 -m d2ctool train-continuous --recipe my.yaml "
                     "--set continuous.model=mar-b --set continuous.fusion=add --set continuous.init=mar_base.pth")
-def train_continuous(recipe: RecipeOption = None, set_: SetOption = None):
+def train_continuous(recipe: RecipeOption = None, set_: SetOption = None, verify: VerifyOption = False):
     """Train the stage-2 masked AR model (MAR + diffusion head) conditioned on discrete codes."""
     from d2ctool.continuous.train import train_continuous as run
 
-    _train_stage("train-continuous", "continuous", run, recipe, set_)
+    _train_stage("train-continuous", "continuous", run, recipe, set_, verify)
 
 
-def _train_stage(command: str, section: str, run, recipe: Path | None, overrides: list[str] | None) -> None:
+def _train_stage(command: str, section: str, run, recipe: Path | None, overrides: list[str] | None,
+                 verify: bool = False) -> None:
     from d2ctool.config import to_dict
     from d2ctool.recipe import recipe_yaml
 
     recipe_cfg = _recipe(recipe, overrides, section)
     stage_cfg = getattr(recipe_cfg, section)
+    if verify and stage_cfg.data:
+        _verify_shards(stage_cfg.data, kind="d2c-encoded-shards")
     _report_training(command, run(stage_cfg, to_dict(stage_cfg), recipe_yaml(recipe_cfg)))
 
 
@@ -196,6 +204,15 @@ def plan(
     print(format_plan(result))
     if json_out is not None:
         write_json(json_out, plan_dict(result))
+
+
+def _verify_shards(*folders, kind: str = "d2c-image-shards") -> None:
+    from d2ctool.data.shards import load_manifest
+
+    for folder in folders:
+        if folder is not None:
+            load_manifest(folder, kind, verify=True)
+            print(f"verified: every shard of {folder} matches its manifest (count, size, sha256)")
 
 
 def _report_training(command: str, result) -> None:
@@ -313,8 +330,11 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a full disk, a read-only or vanished folder: the user's to fix, not a bug
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
         sys.exit(130)

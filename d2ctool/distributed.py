@@ -14,6 +14,28 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def check_device(name: str, key: str) -> str:
+    """`cpu` or `cuda:N` with N a present GPU; anything else is a UserError naming the recipe key."""
+    import re
+
+    from d2ctool.errors import UserError
+
+    if name == "cpu":
+        return name
+    found = re.fullmatch(r"cuda:(\d+)", name)
+    if not found:
+        hint = " (give the GPU index: cuda:0, cuda:1, ...)" if name == "cuda" else ""
+        raise UserError(f"{key}: {name!r} is not a device; use cpu or cuda:N{hint}, or leave it unset for the "
+                        "local GPU under torchrun, else cuda:0 if present, else cpu")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(found.group(1)) >= count:
+        raise UserError(f"{key}: {name} requested, but this machine has {count} CUDA device(s)"
+                        + ("; use cpu" if count == 0 else f"; use cuda:0..cuda:{count - 1}"))
+    return name
+
+
 def init(device_name: str | None = None):
     """Start the process group when under torchrun; return (rank, world, torch.device)."""
     import torch
@@ -21,7 +43,7 @@ def init(device_name: str | None = None):
 
     rank, world = rank_and_world()
     if device_name:
-        device = torch.device(device_name)
+        device = torch.device(check_device(device_name, "device"))
     elif torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     else:

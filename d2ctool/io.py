@@ -13,6 +13,25 @@ import os
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+# Fault injection for tests: with D2C_KILL_AT_WRITE=k the process SIGKILLs itself at the k-th write event
+# (each atomic write has two: the temporary file complete, then renamed into place; a metrics line is one),
+# which is deterministic, unlike killing after a delay. D2C_WRITE_LOG=FILE lists the events, one a line.
+_write_events = 0
+
+
+def write_event(path: str | Path, phase: str) -> None:
+    global _write_events
+    kill_at, log = os.environ.get("D2C_KILL_AT_WRITE"), os.environ.get("D2C_WRITE_LOG")
+    if kill_at is None and log is None:
+        return
+    _write_events += 1
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{_write_events} {phase} {path}\n")
+    if kill_at is not None and _write_events == int(kill_at):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -24,9 +43,11 @@ def atomic_path(path: str | Path):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        write_event(path, "written")
         os.replace(tmp, path)
+        write_event(path, "renamed")
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):  # the folder may be gone (deleted mid-run): nothing left to clean
             tmp.unlink()
 
 
@@ -41,6 +62,30 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Create `folder` if needed and prove a file can be written in it, before any expensive work.
+
+    A read-only, full or forbidden location fails here with a one-line error instead of at the final write.
+    """
+    from d2ctool.errors import UserError, describe_os_error
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".d2c-write-probe.{os.getpid()}{TMP_SUFFIX}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"d2c")
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write output to {folder}: {describe_os_error(e)}") from None
+    return folder
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -3,17 +3,71 @@
 Commands that fill a folder piece by piece (prepare, encode) use this so that a killed run, re-run
 with the same arguments, skips finished pieces; a finished run is a no-op; and a folder made with
 different arguments, or by something else, is refused instead of being mixed or overwritten.
+
+Every writing command holds an exclusive lock on its output folder (`lock_output`) for the whole run,
+so a second run into the same folder stops at once instead of deleting the first one's temporaries.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 from d2ctool.data.shards import MANIFEST, RESOLVED_CONFIG
 from d2ctool.errors import UserError
-from d2ctool.io import TMP_SUFFIX, write_json, write_text
+from d2ctool.io import TMP_SUFFIX, check_writable, write_json, write_text
+
+LOCK_FILE = ".d2c-lock"
+_held: dict[str, int] = {}  # real path of a locked folder -> the open lock file (kept until exit or release)
+
+
+def lock_output(root: str | Path) -> None:
+    """Take the exclusive lock on output folder `root` (created, and checked writable) for this process.
+
+    The lock is `flock` on OUT/.d2c-lock, so the kernel drops it when the process ends however it ends: a
+    killed run leaves no lock that blocks the next one. Re-entrant within a process; under torchrun only
+    rank 0 takes it (all ranks of one run share the folder).
+    """
+    import fcntl
+
+    from d2ctool.distributed import rank_and_world
+
+    root = check_writable(root)
+    key = os.path.realpath(root)
+    if key in _held or rank_and_world()[0] != 0:
+        return
+    path = root / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+        os.close(fd)
+        pid, since = (holder + ["?", "?"])[:2]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(since))) if since.replace(".", "").isdigit() else since
+        raise UserError(f"{root} is being written by process {pid} since {when}; wait for it to finish, or "
+                        "choose another output folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {time.time():.0f}\n".encode(), 0)
+    _held[key] = fd
+
+
+def release_output(root: str | Path) -> None:
+    """Give the lock back before the process ends (library callers running several commands in one process)."""
+    fd = _held.pop(os.path.realpath(root), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
+def clean_temporaries(folder: Path) -> list[Path]:
+    """Remove temporary files (`.NAME.PID.tmp`) a killed run of this command left in `folder`; call while locked."""
+    stale = sorted(folder.glob(f".*{TMP_SUFFIX}")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -28,6 +82,16 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); it is damaged: remove the output folder and re-run") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}; remove the output folder and re-run")
+    return obj
+
+
 class OutputFolder:
     def __init__(self, root: str | Path, command: str, plan: dict):
         self.root, self.command, self.plan = Path(root), command, plan
@@ -36,15 +100,16 @@ class OutputFolder:
     def check(self) -> bool:
         """True when the folder already holds this exact finished run; refuse any other non-empty folder."""
         root = self.root
-        if not root.exists():
-            return False
-        if not root.is_dir():
+        if root.exists() and not root.is_dir():
             raise UserError(f"output {root} exists and is not a folder")
+        lock_output(root)
         if (root / MANIFEST).is_file():
-            previous = json.loads((root / MANIFEST).read_text()).get("plan")
+            previous = _read_json(root / MANIFEST).get("plan")
         elif (self.state / "plan.json").is_file():
-            previous = json.loads((self.state / "plan.json").read_text())
-        elif any(root.iterdir()):
+            previous = _read_json(self.state / "plan.json")
+            if previous != self.plan and not any(self.state.glob("[0-9]*.json")):
+                return False  # started but nothing finished (e.g. stopped by a check): start afresh
+        elif any(p.name != LOCK_FILE for p in root.iterdir()):
             raise UserError(f"output {root} is not empty and was not made by `d2c {self.command}`; "
                             "choose a new or empty folder")
         else:
@@ -56,9 +121,10 @@ class OutputFolder:
         return (root / MANIFEST).is_file()
 
     def start(self, resolved_config: str) -> None:
+        lock_output(self.root)
         self.state.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(f".*{TMP_SUFFIX}"):  # temporaries of a killed run
-            stale.unlink()
+        clean_temporaries(self.root)  # temporaries of a killed run
+        clean_temporaries(self.state)
         write_json(self.state / "plan.json", self.plan)
         write_text(self.root / RESOLVED_CONFIG, resolved_config)
 
@@ -76,6 +142,11 @@ class OutputFolder:
     def write_record(self, index: int, record: dict) -> None:
         """Call before renaming the piece's file into place: file present => record present."""
         write_json(self._record_path(index), record)
+
+    def forget_pieces(self) -> None:
+        """Drop every piece's record: the next run redoes them all (e.g. after the source was fixed)."""
+        for path in self.state.glob("[0-9]*.json"):
+            path.unlink()
 
     def records(self, count: int) -> list[dict]:
         return [json.loads(self._record_path(i).read_text()) for i in range(count)]

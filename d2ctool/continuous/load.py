@@ -66,11 +66,12 @@ def save_mar(path: str | Path, model: MAR, name: str = "custom", ema: dict | Non
         torch.save(payload, tmp)
 
 
-def _weights(obj: dict, checkpoint) -> tuple[dict, str]:
+def _weights(obj: dict, checkpoint, use_ema: bool = True) -> tuple[dict, str]:
+    """The EMA weights when asked and present, else the raw ones; with use_ema=False never the EMA."""
     if obj.get("format") == OWN_FORMAT:
-        key = "model_ema" if isinstance(obj.get("model_ema"), dict) else "model"
+        key = "model_ema" if use_ema and isinstance(obj.get("model_ema"), dict) else "model"
         return obj[key], key
-    return unwrap(obj, OFFICIAL_KEYS, checkpoint)
+    return unwrap(obj, OFFICIAL_KEYS if use_ema else tuple(k for k in OFFICIAL_KEYS if k != "model_ema"), checkpoint)
 
 
 def load_mar(preset: str, checkpoint: str | Path | None, overrides: dict | None = None,
@@ -98,7 +99,7 @@ def load_mar(preset: str, checkpoint: str | Path | None, overrides: dict | None 
             name = obj.get("name", "custom")
         else:
             cfg, name = preset_config(preset, overrides), preset
-        state_dict, weights = _weights(obj, checkpoint)
+        state_dict, weights = _weights(obj, checkpoint, use_ema)
     model = build_mar(cfg)
     hint = (" (a fused model starts from a plain MAR checkpoint with init_from_checkpoint)"
             if cfg.fusion != "none" else "")

@@ -29,6 +29,7 @@ from d2ctool.data.config import PrepareConfig
 from d2ctool.data.shards import MANIFEST, REJECTED, shard_name, write_tar
 from d2ctool.data.sources import SYNTHETIC, Source, scan_source
 from d2ctool.data.verify import load_file, load_synthetic
+from d2ctool.errors import UserError
 from d2ctool.io import atomic_path, sha256_file, write_text
 from d2ctool.progress import Progress, info
 from d2ctool.runstate import OutputFolder
@@ -163,6 +164,12 @@ def _finish(folder: OutputFolder, cfg: PrepareConfig, source: Source, num_shards
             class_counts[int(label)] += count
     rejected = sorted(source.rejected + [r for record in records for r in record["rejected"]], key=lambda r: r["path"])
     write_text(folder.root / REJECTED, "".join(json.dumps(r) + "\n" for r in rejected))
+    if not any(r["samples"] for r in records):  # never a "complete" empty output
+        folder.forget_pieces()  # once the source is fixed (e.g. `git lfs pull`), the same command reads it again
+        reasons = Counter(r["reason"] for r in rejected).most_common(1)
+        raise UserError(f"prepare: every one of the {len(rejected)} files was rejected, so no shard was written; "
+                        f"see {folder.root / REJECTED} for each file's reason (most common: {reasons[0][0]}); "
+                        "fix the source and run the same command again" if reasons else "prepare: no image to write")
     return folder.finish({
         "format": FORMAT,
         "version": 1,

@@ -10,6 +10,10 @@ The order of a rank's samples depends only on the manifest, the seed and the epo
 `positions()` gives it as (shard, sample) pairs without reading anything, and `index_tar` finds where
 each sample's members lie in a shard from its tar headers alone (512 bytes a member). Together they let
 DataLoader workers read only the bytes of their own samples (`d2ctool.data.torch_dataset.ShardDataset`).
+
+Every sample is validated (`d2ctool.data.members.SampleCheck`: label, image present, encoded `.npy`
+members' dtype, shape, values) before it is yielded or decoded, on both paths (`raw()` and the
+workers' reads), so a bad one is a one-line error naming shard and key.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from d2ctool.data.members import SampleCheck, decode_failure
 from d2ctool.data.shards import iter_tar, load_manifest
 from d2ctool.distributed import rank_and_world
+from d2ctool.errors import UserError
 
 
 @dataclass
@@ -37,10 +43,16 @@ class Sample:
     members: dict[str, bytes]  # every raw tar member of the sample, by extension
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode stored image bytes to RGB (grayscale, CMYK and palette convert; alpha is dropped)."""
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
+def decode_image(data: bytes, where: str | None = None) -> Image.Image:
+    """Decode stored image bytes to RGB (grayscale, CMYK and palette convert; alpha is dropped).
+
+    Bytes that do not decode are a UserError naming the sample (`where`, else the one last read).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise decode_failure(e, where) from None
 
 
 def image_member(members: dict[str, bytes]) -> bytes:
@@ -86,6 +98,7 @@ class ShardReader:
             raise ValueError(f"rank {self.rank} outside world size {self.world}")
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
         self.shuffle_buffer, self.skip = shuffle_buffer, skip
+        self.check = SampleCheck(self.manifest, self.root)
         self.counts = [s["samples"] for s in self.manifest["shards"]]
         self.classes: list[str] = self.manifest["classes"]
 
@@ -117,12 +130,12 @@ class ShardReader:
     def raw(self) -> Iterator[tuple[str, dict[str, bytes]]]:
         """Undecoded (key, members) of this rank's slice, shuffled if asked, after `skip`."""
         pieces = split_stream(self.counts, self.shard_order(), self.rank, self.world)
-        stream = (s for shard, start, stop in pieces
-                  for s in iter_tar(self.root / self.manifest["shards"][shard]["file"], start, stop))
+        stream = ((shard, *s) for shard, start, stop in pieces for s in iter_tar(self.shard_path(shard), start, stop))
         stream = self._mixed(stream)
-        for index, sample in enumerate(stream):
+        for index, (shard, key, members) in enumerate(stream):
             if index >= self.skip:
-                yield sample
+                self.check(self.shard_path(shard), key, members)  # validated here, before anything decodes it
+                yield key, members
 
     def __iter__(self) -> Iterator[Sample]:
         for key, members in self.raw():
@@ -137,6 +150,7 @@ class ShardIndex:
     offsets: np.ndarray  # [members] int64: byte offset of each member's data in the tar
     sizes: np.ndarray  # [members] int64
     exts: tuple[str, ...]  # [members]: the part of each name after the key (`cls`, `codes.npy`, ...)
+    keys: tuple[str, ...]  # [samples]
 
     def read(self, fd: int, sample: int) -> dict[str, bytes]:
         """The members of one sample, read from an open shard with one pread each."""
@@ -153,7 +167,20 @@ def index_tar(path: str | Path) -> ShardIndex:
 
 @functools.lru_cache(maxsize=4096)
 def _index_tar(path: str, size: int, mtime_ns: int) -> ShardIndex:
-    first, offsets, sizes, exts, key = [], [], [], [], None
+    first, offsets, sizes, exts, keys = [], [], [], [], []
+    try:
+        _index_members(path, first, offsets, sizes, exts, keys)
+    except (tarfile.TarError, EOFError) as e:  # OS faults pass on: the CLI names their path
+        where = f", after sample {keys[-1]!r}" if keys else ""
+        raise UserError(f"shard {path}: damaged tar{where} ({type(e).__name__}: {e}); "
+                        "rebuild the shard folder with the command that wrote it") from None
+    first.append(len(offsets))
+    return ShardIndex(np.asarray(first, np.int64), np.asarray(offsets, np.int64), np.asarray(sizes, np.int64),
+                      tuple(exts), tuple(keys))
+
+
+def _index_members(path: str, first: list, offsets: list, sizes: list, exts: list, keys: list) -> None:
+    key = None
     with open(path, "rb", buffering=0) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
         for info in tar:
             if not info.isfile():
@@ -163,13 +190,11 @@ def _index_tar(path: str, size: int, mtime_ns: int) -> ShardIndex:
             this_key = f"{folder}/{stem}" if folder else stem
             if this_key != key:
                 first.append(len(offsets))
+                keys.append(this_key)
                 key = this_key
             offsets.append(info.offset_data)
             sizes.append(info.size)
             exts.append(ext)
-    first.append(len(offsets))
-    return ShardIndex(np.asarray(first, np.int64), np.asarray(offsets, np.int64), np.asarray(sizes, np.int64),
-                      tuple(exts))
 
 
 def _buffer_shuffle(stream, size: int, rng: np.random.Generator):

@@ -2,13 +2,19 @@
 
 A sample is consecutive tar members `KEY.EXT` sharing a key without dots. Tars are written with
 fixed metadata (mtime 0, uid 0, mode 0644), so the same samples always give the same bytes and sha256.
+
+Shards are verified, not trusted: opening a folder checks the manifest's structure and every shard's
+size; reading a shard checks its sample count (a tar cut at a 512-byte boundary is a valid shorter
+archive); `verify_shards` and `read_shard` also check the sha256. Every failure names the shard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +23,15 @@ from d2ctool.errors import UserError
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 RESOLVED_CONFIG = "config.yaml"
+MADE_BY = {"d2c-image-shards": "d2c prepare", "d2c-encoded-shards": "d2c encode"}  # what to re-run
+REQUIRED = {"d2c-image-shards": ("classes", "class_counts"),  # beside `shards`: what readers of each kind use
+            "d2c-encoded-shards": ("classes", "class_counts", "grid", "codes", "moments", "tokenizers", "scale_factor",
+                                   "resolution")}
+
+
+def _remake(manifest: dict | None, root) -> str:
+    command = MADE_BY.get((manifest or {}).get("format"), "the command that made it")
+    return f"re-run `{command}` into a new folder to rebuild {root}"
 
 
 def shard_name(name: str, index: int) -> str:
@@ -37,27 +52,73 @@ def write_tar(path: str | Path, samples: list[tuple[str, dict[str, bytes]]]) -> 
                 tar.addfile(info, io.BytesIO(data))
 
 
-def iter_tar(path: str | Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {ext: bytes}) for samples start..stop-1 of a shard; skipped samples are not read."""
+def iter_tar(path: str | Path, start: int = 0, stop: int | None = None,
+             fileobj=None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) for samples start..stop-1 of a shard; skipped samples are not read.
+
+    With `stop`, the shard must hold at least `stop` samples. A damaged tar is a UserError naming the
+    shard and the sample where it breaks.
+    """
     index, key, members = -1, None, {}
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            folder, _, basename = info.name.rpartition("/")
-            stem, _, ext = basename.partition(".")  # webdataset's rule: the key ends at the first dot
-            this_key = f"{folder}/{stem}" if folder else stem
-            if this_key != key:
-                if key is not None and index >= start:
-                    yield key, members
-                index += 1
-                key, members = this_key, {}
-                if stop is not None and index >= stop:
-                    return
-            if index >= start:
-                members[ext] = tar.extractfile(info).read()
-        if key is not None and index >= start and (stop is None or index < stop):
-            yield key, members
+    try:
+        with tarfile.open(path if fileobj is None else None, "r", fileobj=fileobj) as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                folder, _, basename = info.name.rpartition("/")
+                stem, _, ext = basename.partition(".")  # webdataset's rule: the key ends at the first dot
+                this_key = f"{folder}/{stem}" if folder else stem
+                if this_key != key:
+                    if key is not None and index >= start:
+                        yield key, members
+                    index += 1
+                    key, members = this_key, {}
+                    if stop is not None and index >= stop:
+                        return
+                if index >= start:
+                    members[ext] = tar.extractfile(info).read()
+            if key is not None and index >= start and (stop is None or index < stop):
+                yield key, members
+    except (tarfile.TarError, EOFError, zlib.error) as e:  # OS faults pass on: the CLI names their path
+        where = f", in sample {key!r}" if key is not None else ""
+        raise UserError(f"shard {path}: damaged tar{where} ({type(e).__name__}: {e}); "
+                        "rebuild the shard folder with the command that wrote it") from None
+    if stop is not None and index + 1 < stop:
+        raise UserError(f"shard {path}: holds {index + 1} samples, its manifest says at least {stop}; the file is "
+                        "truncated: rebuild the shard folder with the command that wrote it")
+
+
+def read_shard(root: str | Path, entry: dict, manifest: dict | None = None) -> list[tuple[str, dict[str, bytes]]]:
+    """Every sample of one shard, read once: size, sha256 and sample count checked against the manifest."""
+    path = Path(root) / entry["file"]
+    data = path.read_bytes()
+    problem = _mismatch(entry, len(data), lambda: hashlib.sha256(data).hexdigest())
+    if problem:
+        raise UserError(f"shard {path}: {problem}; {_remake(manifest, root)}")
+    samples = list(iter_tar(path, 0, entry["samples"], fileobj=io.BytesIO(data)))
+    if len(samples) != entry["samples"]:
+        raise UserError(f"shard {path}: holds more samples than the {entry['samples']} its manifest says; "
+                        f"{_remake(manifest, root)}")
+    return samples
+
+
+def _mismatch(entry: dict, size: int, sha256=None) -> str | None:
+    if "bytes" in entry and size != entry["bytes"]:
+        return f"{size} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
+    if sha256 is not None and "sha256" in entry and sha256() != entry["sha256"]:
+        return "its sha256 differs from the manifest's (the file changed since it was written)"
+    return None
+
+
+def verify_shards(root: str | Path, manifest: dict) -> None:
+    """Check every shard's sha256 against the manifest (reads every byte once)."""
+    from d2ctool.io import sha256_file
+
+    for entry in manifest["shards"]:
+        path = Path(root) / entry["file"]
+        problem = _mismatch(entry, path.stat().st_size, lambda: sha256_file(path))
+        if problem:
+            raise UserError(f"shard {path}: {problem}; {_remake(manifest, root)}")
 
 
 def npy_bytes(array) -> bytes:
@@ -76,19 +137,41 @@ def read_npy(data: bytes):
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def load_manifest(root: str | Path, kind: str = "d2c-image-shards") -> dict:
-    """Read and check a shard folder's manifest.json; the error says what to run when it is missing."""
+def load_manifest(root: str | Path, kind: str = "d2c-image-shards", verify: bool = False) -> dict:
+    """Read and check a shard folder's manifest.json and every shard's size (and sha256 with `verify`).
+
+    The error says what to run when something is missing or damaged.
+    """
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise UserError(f"{root} is not a finished shard folder: {MANIFEST} is missing "
-                        "(run `d2c prepare` into it, or let an interrupted run finish)")
+                        f"(run `{MADE_BY.get(kind, 'd2c prepare')}` into it, or let an interrupted run finish)")
     try:
         manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); {_remake({'format': kind}, root)}") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(manifest).__name__}; {_remake({'format': kind}, root)}")
     if manifest.get("format") != kind:
         raise UserError(f"{path}: expected a {kind} manifest, found format {manifest.get('format')!r}")
-    missing = [s["file"] for s in manifest["shards"] if not (Path(root) / s["file"]).is_file()]
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("samples"), int)
+            and s["samples"] >= 0 and "/" not in s["file"] for s in shards):
+        raise UserError(f"{path}: no valid 'shards' list (each entry needs 'file' and 'samples'); "
+                        f"{_remake(manifest, root)}")
+    absent = [key for key in REQUIRED.get(kind, ()) if key not in manifest]
+    if absent or not isinstance(manifest.get("classes"), list):
+        raise UserError(f"{path}: incomplete manifest (missing or invalid: {', '.join(absent or ['classes'])}); "
+                        f"{_remake(manifest, root)}")
+    missing = [s["file"] for s in shards if not (Path(root) / s["file"]).is_file()]
     if missing:
-        raise UserError(f"{root}: {len(missing)} shard(s) listed in {MANIFEST} are missing, e.g. {missing[0]}")
+        raise UserError(f"{root}: {len(missing)} shard(s) listed in {MANIFEST} are missing, e.g. {missing[0]}; "
+                        f"{_remake(manifest, root)}")
+    for entry in shards:
+        problem = _mismatch(entry, (Path(root) / entry["file"]).stat().st_size)
+        if problem:
+            raise UserError(f"shard {Path(root) / entry['file']}: {problem}; {_remake(manifest, root)}")
+    if verify:
+        verify_shards(root, manifest)
     return manifest

@@ -8,6 +8,8 @@ Rules (also in the README):
   standard indices 0..999. Files anywhere below a class folder belong to it.
 - Hidden files and folders (names starting with '.') are ignored. Symbolic links are followed, to
   files and to folders, each real folder visited once; a link to nothing is listed as rejected.
+- Only regular files are read: FIFOs, sockets and devices are listed as rejected and never opened
+  (opening a FIFO would block forever).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,11 +69,32 @@ def _walk_files(root: Path, top: Path, rejected: list[dict]) -> list[str]:
                 continue
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, root).replace(os.sep, "/")
-            if os.path.islink(path) and not os.path.exists(path):
-                rejected.append({"path": rel, "reason": "broken symbolic link"})
-            else:
+            try:
+                mode = os.stat(path).st_mode  # follows links
+            except OSError as e:
+                reason = "broken symbolic link" if os.path.islink(path) else f"unreadable: {e.strerror}"
+                rejected.append({"path": rel, "reason": reason})
+                continue
+            if stat.S_ISREG(mode):
                 found.append(rel)
+            else:
+                rejected.append({"path": rel, "reason": f"not a regular file ({_file_kind(mode)}): not opened"})
     return found
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
 
 
 def _class_order(names: set[str], classes_file: str | None) -> list[str]:
@@ -87,7 +111,7 @@ def _class_order(names: set[str], classes_file: str | None) -> list[str]:
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{path}: not a prepare manifest (no 'classes' list)") from None
     else:
-        order = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        order = [line.strip() for line in _read_text(path).splitlines() if line.strip() and not line.startswith("#")]
     if len(set(order)) != len(order):
         raise UserError(f"{path}: lists a class name twice")
     unknown = sorted(names - set(order))
@@ -124,8 +148,7 @@ def read_labels_file(path: Path) -> dict[str, str]:
     """Map file name (or stem) -> class name. See the README for the two accepted formats."""
     if not path.is_file():
         raise UserError(f"labels file not found: {path}")
-    text = path.read_text()
-    lines = text.splitlines()
+    lines = _read_text(path).splitlines()
     labels: dict[str, str] = {}
     if lines and lines[0].replace(" ", "").lower().startswith("imageid,predictionstring"):
         # Kaggle's LOC_val_solution.csv: ImageId,PredictionString ("n01751748 x0 y0 x1 y1 ...")

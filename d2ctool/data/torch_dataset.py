@@ -7,7 +7,7 @@ the bytes of its own samples (one pread a member), so an epoch reads each byte o
 whatever W is. A DataLoader with `batch_size=None` returns workers' items round-robin, so batches arrive
 in stream order: 0, 1, 2, ... Random choices in `decode` draw from a generator seeded by (seed, epoch,
 rank, position in the stream), so a run resumed at batch k sees exactly the batches an uninterrupted
-run would have seen.
+run would have seen. Every sample is validated by the reader's `SampleCheck` before `decode` sees it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from d2ctool.data.reader import ShardReader, decode_image, image_member, index_tar
+from d2ctool.errors import UserError
 
 
 class ShardDataset(IterableDataset):
@@ -35,6 +36,11 @@ class ShardDataset(IterableDataset):
         self.samples = np.asarray([sample for _, sample in used], np.int64)
         self.paths = {int(s): str(reader.shard_path(int(s))) for s in np.unique(self.shards)}
         self.index = {s: index_tar(path) for s, path in self.paths.items()}
+        for s, path in self.paths.items():  # a tar cut at a 512-byte boundary indexes as a shorter shard
+            if len(self.index[s].keys) != reader.counts[s]:
+                raise UserError(f"shard {path}: holds {len(self.index[s].keys)} samples, its manifest says "
+                                f"{reader.counts[s]}; the file is truncated or was replaced: rebuild the shard "
+                                "folder with the command that wrote it")
 
     def __len__(self) -> int:
         return max(self.total_batches - self.skip_batches, 0)
@@ -50,7 +56,9 @@ class ShardDataset(IterableDataset):
                     shard = int(self.shards[index])
                     if shard not in files:
                         files[shard] = os.open(self.paths[shard], os.O_RDONLY)
-                    members = self.index[shard].read(files[shard], int(self.samples[index]))
+                    sample = int(self.samples[index])
+                    members = self.index[shard].read(files[shard], sample)
+                    self.reader.check(self.paths[shard], self.index[shard].keys[sample], members)
                     rng = np.random.default_rng([self.seed, self.reader.epoch, self.reader.rank, index])
                     batch.append(self.decode(members, rng))
                 yield default_collate(batch)

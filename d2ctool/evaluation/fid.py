@@ -21,7 +21,7 @@ from d2ctool.evaluation.features import RANDOM_LABEL, Extractor, Features, extra
 from d2ctool.evaluation.inputs import ImageSet, ReferenceNpz, load_reference_npz, open_images
 from d2ctool.evaluation.reference import cached_reference, extract_features, versions
 from d2ctool.evaluation.weights import WEIGHTS_FILE
-from d2ctool.io import sha256_file, write_json
+from d2ctool.io import check_writable, sha256_file, write_json
 from d2ctool.progress import info
 
 ADM_NUM_SAMPLES = 50_000
@@ -189,6 +189,7 @@ def run_fid(samples_path: str | Path, ref_path: str | Path, cfg, out: str | Path
         raise UserError(f"--out {out} is a folder; give the metrics file's path, e.g. {out / 'metrics.json'}")
     if not out.parent.exists():
         raise UserError(f"--out: folder not found: {out.parent} (create it first)")
+    check_writable(out.parent)  # before any feature is extracted
     samples: ImageSet = open_images(samples_path, workers=cfg.workers, what="samples")
     _existing_reference(ref_path)  # before the weights: the cheapest mistakes first
     extractor = make_extractor(cfg)

@@ -27,6 +27,7 @@ import numpy as np
 
 from d2ctool.errors import UserError
 from d2ctool.io import sha256_file
+from d2ctool.evaluation.network import NUM_FEATURES
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -203,6 +204,10 @@ class FolderImages(ImageSet):
         if not self.files:
             raise UserError(f"{self.path}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} "
                             "files below it)")
+        empty = [p for p in self.files if p.stat().st_size == 0]
+        if empty:  # before any feature is extracted
+            raise UserError(f"{empty[0]}: empty file (0 bytes)" + (f", and {len(empty) - 1} more" if len(empty) > 1
+                                                                   else "") + "; remove or regenerate it")
         self._first_shape = None if crop else self._decode(self.files[0], None).shape
 
     def __len__(self) -> int:
@@ -260,7 +265,8 @@ class ShardImages(ImageSet):
 
         def decode(item):
             key, members = item
-            return _to_array(decode_image(image_member(members)), self.crop, f"{self.path}:{key}", expected)
+            return _to_array(decode_image(image_member(members), f"{self.path}, sample {key!r}"), self.crop,
+                             f"{self.path}:{key}", expected)
 
         return _decoded_batches(reader.raw(), decode, batch_size, self.workers)
 
@@ -324,6 +330,9 @@ def load_reference_npz(path: str | Path) -> ReferenceNpz:
         mu, sigma = ref.stats["mu"], ref.stats["sigma"]
         if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
             raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
+        if len(mu) != NUM_FEATURES:  # checked here, before any feature is extracted
+            raise UserError(f"{path}: mu/sigma have {len(mu)} dimensions, Inception pool_3 features have "
+                            f"{NUM_FEATURES}; this is not an FID reference of this protocol")
     if "arr_0" in keys:
         ref.images = NpzImages(path)
     if not ref.has_stats and ref.images is None:

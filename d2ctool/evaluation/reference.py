@@ -21,7 +21,7 @@ from d2ctool.evaluation.cache import FeatureCache, cache_key, make_cache
 from d2ctool.evaluation.features import Extractor, Features
 from d2ctool.evaluation.inputs import ImageSet
 from d2ctool.evaluation.metrics import StatsAccumulator
-from d2ctool.io import atomic_path
+from d2ctool.io import atomic_path, check_writable
 from d2ctool.progress import Progress, info
 
 FORMAT_VERSION = 1
@@ -185,6 +185,7 @@ def fid_ref(src: str | Path, out: str | Path, cfg, resolved_config: str) -> FidR
         raise UserError(f"{out} is a folder; give the reference file's path, e.g. {out / 'ref.npz'}")
     if not out.parent.exists():
         raise UserError(f"output folder not found: {out.parent} (create it first)")
+    check_writable(out.parent)  # before any feature is extracted
     images = open_images(src, crop=cfg.resolution, workers=cfg.workers, what="reference images")
     if images.kind == "npz":
         raise UserError(f"{src}: fid-ref reads a shard folder (`d2c prepare` output) or an image folder; an npz "

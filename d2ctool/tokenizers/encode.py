@@ -27,7 +27,8 @@ import torch
 from d2ctool import __version__, distributed
 from d2ctool.config import to_dict
 from d2ctool.data.reader import decode_image, image_member
-from d2ctool.data.shards import iter_tar, load_manifest, npy_bytes, read_npy, write_tar
+from d2ctool.data.members import SampleCheck
+from d2ctool.data.shards import iter_tar, load_manifest, npy_bytes, read_npy, read_shard, write_tar
 from d2ctool.data.transforms import adm_center_crop
 from d2ctool.errors import UserError
 from d2ctool.io import atomic_path, sha256_file
@@ -123,14 +124,15 @@ def _sample(moments: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
     return posterior_latents(torch.from_numpy(moments), noise)
 
 
-def _load_crop(data: bytes, resolution: int) -> np.ndarray:
-    return np.asarray(adm_center_crop(decode_image(data), resolution))
+def _load_crop(data: bytes, resolution: int, where: str) -> np.ndarray:
+    return np.asarray(adm_center_crop(decode_image(data, where), resolution))
 
 
 def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cfg: EncodeConfig,
            resolved_config: str) -> EncodeResult:
     shards, out = Path(shards), Path(out)
     source = load_manifest(shards)
+    check = SampleCheck(source, shards)
     vq, vq_info = load_tokenizer("vq", tokenizers.vq.preset, tokenizers.vq.checkpoint)
     kl, kl_info = load_tokenizer("kl", tokenizers.kl.preset, tokenizers.kl.checkpoint)
     grid = check_grids(cfg.resolution, vq, kl, vq_info.name, kl_info.name)
@@ -174,8 +176,11 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
             ThreadPoolExecutor(cfg.loader_threads) as pool:
         for index in mine:
             entry = source["shards"][index]
-            samples = list(iter_tar(shards / entry["file"]))
-            images = list(pool.map(lambda s: _load_crop(image_member(s[1]), cfg.resolution), samples))
+            samples = read_shard(shards, entry, source)  # size, sha256 and count verified on this first read
+            for key, members in samples:
+                check(shards / entry["file"], key, members)
+            images = list(pool.map(lambda s: _load_crop(image_member(s[1]), cfg.resolution,
+                                                        f"shard {shards / entry['file']}, sample {s[0]!r}"), samples))
             written = []
             for start in range(0, len(samples), cfg.batch_size):
                 codes, moments = encode_images(vq, kl, np.stack(images[start:start + cfg.batch_size]), device, autocast)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from d2ctool.data.reader import ShardReader, decode_image, image_member
+from d2ctool.data.shards import load_manifest
 from d2ctool.data.transforms import adm_center_crop, to_minus_one_one
 from d2ctool.errors import UserError
 from d2ctool.io import write_json
@@ -205,6 +206,12 @@ def train_tokenizer(kind: str, data: str | Path, out: str | Path, cfg: Tokenizer
                     resolved_config: dict, resolved_yaml: str) -> TrainResult:
     if kind not in ("vq", "kl"):
         raise UserError(f"train-tokenizer: KIND must be vq or kl, got {kind!r}")
+    for what, folder in (("SHARDS", data), ("tokenizer_training.val", cfg.val)):
+        if folder is not None:  # both checked now: val is read only after the last step
+            try:
+                load_manifest(folder)
+            except UserError as e:
+                raise UserError(f"{what}: {e}") from None
     task = TokenizerTask(kind, data, cfg)
     task.name = f"train-tokenizer-{kind}"
     return Trainer(task, cfg.train, out, {"kind": kind, "data": str(data), **resolved_config}, resolved_yaml).run()

@@ -4,7 +4,10 @@ A stage supplies a `TrainingTask` (model, data, loss, grid, export); the trainer
 else: AdamW with decay on weight matrices only, lr = base_lr * global_batch / 256 with linear
 warmup then constant or cosine, gradient accumulation and clipping, EMA, bf16 autocast on GPU, DDP
 under torchrun, `metrics.jsonl`, atomic checkpoints every N steps plus `last.pt`, and exact resume:
-model, EMA, optimizer, step, data position and every rank's RNG states come back from `last.pt`.
+model, EMA, optimizer, step, data position and every rank's RNG states come back from the newest
+checkpoint. A checkpoint is written as `step_N.pt` first, then `last.pt` (a hard link to it where the
+file system allows), each through a temporary name: a kill at any instant leaves either the old or the
+new checkpoint complete, resume takes whichever is newest and removes the killed run's temporaries.
 
 Run folder: config.yaml, metrics.jsonl, checkpoints/{last.pt, step_0001000.pt, ...}, grids/, and
 summary.json once the run is complete (re-running a complete run is then a no-op; more steps resume it).
@@ -16,6 +19,9 @@ import copy
 from contextlib import nullcontext
 import json
 import math
+import os
+import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +36,9 @@ from d2ctool import distributed
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.torch_dataset import ShardDataset
 from d2ctool.errors import UserError
-from d2ctool.io import atomic_path, write_json, write_text
+from d2ctool.io import atomic_path, write_event, write_json, write_text
 from d2ctool.progress import Progress, info
+from d2ctool.runstate import clean_temporaries, lock_output
 from d2ctool.training.config import TrainConfig
 
 CHECKPOINT_FORMAT = "d2c-train-checkpoint"
@@ -151,11 +158,33 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def _save(self, path_names: list[str], state: dict) -> None:
+    def _save(self, step: int, state: dict) -> None:
+        """step_N.pt, then last.pt pointing at the same bytes: whatever a kill leaves is a complete checkpoint."""
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for name in path_names:
-            with atomic_path(self.ckpt_dir / name) as tmp:
-                torch.save(state, tmp)
+        step_file = self.ckpt_dir / f"step_{step:07d}.pt"
+        with atomic_path(step_file) as tmp:
+            torch.save(state, tmp)
+        self._point_last_at(step_file)
+
+    def _point_last_at(self, step_file: Path) -> None:
+        with atomic_path(self.ckpt_dir / "last.pt") as tmp:
+            try:
+                os.link(step_file, tmp)  # no second copy of the bytes
+            except OSError:
+                shutil.copyfile(step_file, tmp)
+
+    def _newest_checkpoint(self) -> Path | None:
+        """last.pt, or a newer step_N.pt (a run killed between writing the two)."""
+        steps = sorted((int(m.group(1)), p) for p in self.ckpt_dir.glob("step_*.pt")
+                       if (m := re.fullmatch(r"step_(\d+)\.pt", p.name)))
+        last = self.ckpt_dir / "last.pt"
+        if not last.is_file():
+            return steps[-1][1] if steps else None
+        if steps and not os.path.samefile(steps[-1][1], last):
+            # last.pt is always written after its step file, so a step file modified later is newer
+            if steps[-1][1].stat().st_mtime_ns > last.stat().st_mtime_ns:
+                return steps[-1][1]
+        return last
 
     def _checkpoint_state(self, model, ema, optimizer, step, epoch, batch_in_epoch, rng_states) -> dict:
         return {"format": CHECKPOINT_FORMAT, "task": self.task.name, "model": model.state_dict(),
@@ -165,8 +194,8 @@ class Trainer:
 
     def _check_resume(self, ckpt: dict) -> None:
         if ckpt.get("task") != self.task.name:
-            raise UserError(f"{self.ckpt_dir / 'last.pt'} belongs to `d2c {ckpt.get('task')}`, not `d2c {self.task.name}`;"
-                            " use another run folder")
+            raise UserError(f"{self.ckpt_dir} holds a checkpoint of `d2c {ckpt.get('task')}`, not `d2c {self.task.name}`; "
+                            "use another run folder")
         old, new = copy.deepcopy(ckpt.get("config") or {}), copy.deepcopy(self.resolved_config)
         for settings in (old, new):  # steps may grow and logistics may change; nothing else may
             settings["train"] = {k: v for k, v in settings.get("train", {}).items() if k not in RESUMABLE_CHANGES}
@@ -181,12 +210,19 @@ class Trainer:
         """Drop metric lines past the checkpoint we resume from (they will be logged again)."""
         path = self.run_dir / "metrics.jsonl"
         if path.is_file():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        keep.append(line)
+                except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                    continue
             write_text(path, "".join(line + "\n" for line in keep))
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, task = self.cfg, self.task
+        lock_output(self.run_dir)  # one writer per run folder; also proves it is writable before any work
         rank, world, device = distributed.init(cfg.device)
         if cfg.global_batch_size % (world * cfg.grad_accum):
             raise UserError(f"train.global_batch_size {cfg.global_batch_size} must divide by ranks × grad_accum = "
@@ -203,8 +239,12 @@ class Trainer:
         step = epoch = batch_in_epoch = resumed_from = 0
         torch.manual_seed(cfg.seed * 1000 + rank + 1)  # dropout etc. differ per rank
 
-        last = self.ckpt_dir / "last.pt"
-        if last.is_file():
+        if rank == 0:
+            clean_temporaries(self.run_dir)
+            clean_temporaries(self.ckpt_dir)
+        distributed.barrier()
+        last = self._newest_checkpoint()
+        if last is not None:
             ckpt = load_checkpoint(last)
             self._check_resume(ckpt)
             model.load_state_dict(ckpt["model"])
@@ -217,6 +257,8 @@ class Trainer:
             else:
                 _set_rng_state(ckpt["rng"][rank], device)
             resumed_from = step
+            if rank == 0 and last.name != "last.pt":  # killed between the step file and last.pt: finish that write
+                self._point_last_at(last)
             finished = self.run_dir / SUMMARY
             if step >= cfg.steps and finished.is_file() and json.loads(finished.read_text())["step"] == step:
                 if rank == 0:
@@ -225,6 +267,8 @@ class Trainer:
             if rank == 0:
                 info(f"{task.name}: resuming from step {step} ({last})")
                 self._trim_metrics(step)
+        elif rank == 0:
+            self._trim_metrics(0)  # lines of a run killed before its first checkpoint: logged again
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text(self.run_dir / "config.yaml", self.resolved_yaml)
@@ -300,12 +344,13 @@ class Trainer:
                               "samples_per_s": round(window_samples / elapsed, 2), "seconds": round(elapsed, 3)}
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
+                    write_event(metrics_path, "appended")
                     window_start, window_samples = time.perf_counter(), 0
                 if step % cfg.ckpt_every == 0 or step == cfg.steps:
                     rngs = _gather(_rng_state(device), world)
                     if rank == 0:
                         state = self._checkpoint_state(model, ema, optimizer, step, epoch, batch_in_epoch, rngs)
-                        self._save(["last.pt", f"step_{step:07d}.pt"], state)
+                        self._save(step, state)
                     last_good = step
                     distributed.barrier()
                 if rank == 0 and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps):
