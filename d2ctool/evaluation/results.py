@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from d2ctool.errors import UserError
+from d2ctool.evaluation.features import extractor_label
 from d2ctool.io import write_bytes, write_json, write_text
 
 STAGES = ("stage1", "stage2")
@@ -64,16 +65,6 @@ def system_row(name: str, folder: str | Path) -> dict:
         "extractor": metrics.get("extractor", {}),
         "reference": metrics.get("reference", {}).get("path"),
     }
-
-
-def extractor_label(extractor: dict) -> str:
-    """How the numbers were made, in one line for the table's header."""
-    name = extractor.get("name", "?")
-    if name == "inception-random":
-        return "Inception with RANDOM weights (offline stand-in: not comparable to any published number)"
-    source = extractor.get("weights_source") or extractor.get("weights") or ""
-    sha = str(extractor.get("weights_sha256", ""))[:12]
-    return f"{name} ({extractor.get('mode', '?')}), weights {source} sha256 {sha}".replace("  ", " ")
 
 
 def _fmt(value, spec: str) -> str:
