@@ -2,17 +2,25 @@
 PYTHON ?= python3
 VENV ?= .venv
 RECIPE ?= recipes/tiny.yaml
-# the tiny recipe's paths point into this folder
-RUN := runs/tiny
+# every path of the experiment lives under RUN (the recipe's own paths are overridden here)
+RUN ?= runs/tiny
 BIN := $(VENV)/bin
-D2C := $(BIN)/d2c
+D2C ?= $(BIN)/d2c
+# the experiment's independent steps run JOBS at a time, one thread each (small models on shared cores
+# are much faster as parallel one-thread processes than as one process with a thread pool)
+JOBS ?= 2
+FUSIONS ?= add prefix qformer crossattn
+# held-out images: the reference for every FID, and the real images of the oracle and reconstruction rows
+VAL_PER_CLASS ?= 20
 
-.PHONY: install test reproduce bench clean
+.PHONY: install test reproduce experiment bench clean
+# every file below is a finished step's marker: never delete one as an intermediate
+.SECONDARY:
 
 $(BIN)/d2c: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,fid]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fid]'
 	touch $@
 
 install: $(BIN)/d2c
@@ -20,21 +28,62 @@ install: $(BIN)/d2c
 test: install
 	$(BIN)/python -m pytest -q
 
-# The tiny recipe end to end. Each step is resumable: re-running `make reproduce` finishes a killed run.
+# The tiny experiment end to end, then its results table. Every step is resumable and a finished one is
+# skipped: re-running `make reproduce` finishes a killed run.
 reproduce: install
-	$(D2C) prepare synthetic $(RUN)/shards --recipe $(RECIPE)
-	$(D2C) prepare synthetic $(RUN)/val --recipe $(RECIPE) --set prepare.seed=1 --set prepare.synthetic.images_per_class=10
-	$(D2C) train-tokenizer vq $(RUN)/shards $(RUN)/vq --recipe $(RECIPE) --set tokenizer_training.val=$(RUN)/val
-	$(D2C) train-tokenizer kl $(RUN)/shards $(RUN)/kl --recipe $(RECIPE) --set tokenizer_training.val=$(RUN)/val
-	$(D2C) encode $(RUN)/shards $(RUN)/encoded --recipe $(RECIPE)
-	$(D2C) train-discrete --recipe $(RECIPE)
-	$(D2C) train-continuous --recipe $(RECIPE)
-	$(D2C) sample $(RUN)/samples --recipe $(RECIPE)
-	$(D2C) sample $(RUN)/samples-discrete-only --recipe $(RECIPE) --set sample.mode=discrete-only
-	$(D2C) fid-ref $(RUN)/val $(RUN)/val-ref.npz --recipe $(RECIPE)
-	$(D2C) fid $(RUN)/samples/samples.npz --ref $(RUN)/val-ref.npz --recipe $(RECIPE)
-	$(D2C) fid $(RUN)/samples-discrete-only/samples.npz --ref $(RUN)/val-ref.npz --recipe $(RECIPE)
-	@echo "tiny recipe done: grids in $(RUN)/*/grids and $(RUN)/samples*/grid.png, metrics in $(RUN)/samples*/metrics.json"
+	@start=$$(date +%s); OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j$(JOBS) experiment; \
+	echo "make reproduce: $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s"
+
+R := --recipe $(RECIPE)
+TOK := --set tokenizers.vq.checkpoint=$(RUN)/vq/tokenizer.pt --set tokenizers.kl.checkpoint=$(RUN)/kl/tokenizer.pt
+SAMPLE = $(D2C) sample $(@D) $(R) $(TOK) --set sample.discrete=$(RUN)/discrete \
+	--set sample.oracle_data=$(RUN)/encoded-val
+FID_REF := $(RUN)/val-ref.npz
+# table order: the ceilings, the two baselines, the method per fusion, stage 2's ceiling per fusion
+SYSTEMS := vq-reconstruction kl-reconstruction discrete-only continuous-only \
+	$(addprefix two-stage-,$(FUSIONS)) $(addprefix oracle-codes-,$(FUSIONS))
+
+experiment: $(RUN)/results.md
+	@cat $(RUN)/results.md
+	@echo "grids: $(RUN)/results.png, $(RUN)/samples/*/grid.png, training grids in $(RUN)/*/grids"
+
+$(RUN)/shards/manifest.json:
+	$(D2C) prepare synthetic $(RUN)/shards $(R)
+$(RUN)/val/manifest.json:
+	$(D2C) prepare synthetic $(RUN)/val $(R) --set prepare.seed=1 \
+		--set prepare.synthetic.images_per_class=$(VAL_PER_CLASS)
+$(RUN)/vq/summary.json $(RUN)/kl/summary.json: $(RUN)/shards/manifest.json $(RUN)/val/manifest.json
+	$(D2C) train-tokenizer $(notdir $(@D)) $(RUN)/shards $(@D) $(R) --set tokenizer_training.val=$(RUN)/val
+$(RUN)/encoded/manifest.json $(RUN)/encoded-val/manifest.json: $(RUN)/vq/summary.json $(RUN)/kl/summary.json
+$(RUN)/encoded/manifest.json: $(RUN)/shards/manifest.json
+	$(D2C) encode $(RUN)/shards $(@D) $(R) $(TOK)
+$(RUN)/encoded-val/manifest.json: $(RUN)/val/manifest.json
+	$(D2C) encode $(RUN)/val $(@D) $(R) $(TOK)
+$(RUN)/discrete/summary.json: $(RUN)/encoded/manifest.json
+	$(D2C) train-discrete $(R) --set discrete.data=$(RUN)/encoded --set discrete.out=$(@D)
+$(RUN)/continuous-%/summary.json: $(RUN)/encoded/manifest.json
+	$(D2C) train-continuous $(R) --set continuous.data=$(RUN)/encoded --set continuous.out=$(@D) \
+		--set continuous.fusion=$*
+
+$(RUN)/samples/discrete-only/manifest.json: $(RUN)/discrete/summary.json
+	$(SAMPLE) --set sample.mode=discrete-only
+$(RUN)/samples/continuous-only/manifest.json: $(RUN)/continuous-none/summary.json
+	$(SAMPLE) --set sample.mode=continuous-only --set sample.continuous=$(RUN)/continuous-none
+$(RUN)/samples/two-stage-%/manifest.json: $(RUN)/discrete/summary.json $(RUN)/continuous-%/summary.json
+	$(SAMPLE) --set sample.mode=two-stage --set sample.continuous=$(RUN)/continuous-$*
+$(RUN)/samples/oracle-codes-%/manifest.json: $(RUN)/encoded-val/manifest.json $(RUN)/continuous-%/summary.json
+	$(SAMPLE) --set sample.mode=oracle-codes --set sample.continuous=$(RUN)/continuous-$*
+$(RUN)/samples/%-reconstruction/manifest.json: $(RUN)/encoded-val/manifest.json
+	$(SAMPLE) --set sample.mode=$*-reconstruction
+
+$(FID_REF): $(RUN)/val/manifest.json
+	$(D2C) fid-ref $(RUN)/val $@ $(R)
+$(RUN)/samples/%/metrics.json: $(RUN)/samples/%/manifest.json $(FID_REF)
+	$(D2C) fid $(RUN)/samples/$*/samples.npz --ref $(FID_REF) $(R)
+
+$(RUN)/results.md: $(foreach s,$(SYSTEMS),$(RUN)/samples/$(s)/metrics.json)
+	$(D2C) results $(RUN) $(foreach s,$(SYSTEMS),$(s)=$(RUN)/samples/$(s)) --classes $(RUN)/val/manifest.json \
+		--title "Tiny experiment ($(RECIPE))"
 
 bench: install
 	$(BIN)/python bench/prepare.py

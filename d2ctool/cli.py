@@ -306,6 +306,26 @@ def fid_ref(
           f"{result.out} ({result.seconds:.1f} s; extractor {result.extractor['name']}, {result.extractor['mode']})")
 
 
+@app.command(epilog="Example:\n\n  d2c results runs/tiny two-stage-add=runs/tiny/samples/two-stage-add "
+                    "discrete-only=runs/tiny/samples/discrete-only --classes runs/tiny/val/manifest.json")
+def results(
+    out: Annotated[Path, typer.Argument(help="Folder for results.md, results.json and results.png.")],
+    systems: Annotated[list[str], typer.Argument(help="Scored `d2c sample` folders, as NAME=FOLDER (or FOLDER: "
+                                                       "the folder's name), in table order.")],
+    classes: Annotated[Optional[Path], typer.Option(
+        "--classes", help="A shards manifest.json whose class names label the picture's columns.")] = None,
+    title: Annotated[str, typer.Option("--title", help="Heading of results.md.")] = "Results",
+):
+    """The results table: one row per scored sample folder (FID, sFID, P/R, IS, speed, sizes, budget) + a picture."""
+    from d2ctool.evaluation.results import write_results
+    from d2ctool.data.shards import load_manifest
+
+    pairs = [(s.split("=", 1)[0], s.split("=", 1)[1]) if "=" in s else (Path(s).name, s) for s in systems]
+    names = load_manifest(classes.parent if classes.name == "manifest.json" else classes)["classes"] if classes else None
+    write_results(out, pairs, names, title)
+    print((out / "results.md").read_text())
+
+
 def main() -> None:
     try:
         app()

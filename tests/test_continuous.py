@@ -402,3 +402,27 @@ def test_clear_errors_for_bad_inputs():
     with pytest.raises(UserError, match=r"codes: expected shape \[2, 64\]"):
         sample_latents(fused, labels[:2], codes[:2, :10])
     assert dataclasses.asdict(preset_config("mar-tiny", {"code_size": 4, "fusion": "qformer"}))["code_size"] == 4
+
+
+def test_clip_x0_clamps_the_implied_x0_before_the_posterior():
+    s = DiffusionHead(4, 8, 16, 1, steps=1000, sampling_steps=25).sample_schedule
+    g = torch.Generator().manual_seed(0)
+    xt, eps, v = (torch.randn(6, 4, generator=g) for _ in range(3))
+    t = torch.tensor([24, 24, 20, 10, 1, 0])
+    x0 = s.at("sqrt_recip_ac", t) * xt - s.at("sqrt_recipm1_ac", t) * eps
+    assert x0[:2].abs().max() > 100  # at the first step, 1/sqrt(alpha_bar) ~ 2e4 amplifies any eps error
+    mean, log_var = s.p_mean_log_var(xt, t, eps, v, clip_x0=2.5)
+    assert torch.allclose(mean, s.posterior(x0.clamp(-2.5, 2.5), xt, t))
+    unclipped, log_var0 = s.p_mean_log_var(xt, t, eps, v)
+    assert torch.allclose(unclipped, s.posterior(x0, xt, t)) and torch.equal(log_var, log_var0)
+
+
+def test_an_inaccurate_head_diverges_unclipped_and_stays_in_range_clipped():
+    """A fresh head predicts eps = 0 (adaLN-zero), the extreme of an inaccurate one: MAR's unclipped sampler
+    then starts from x0 ~ x_T / sqrt(alpha_bar_T) ~ 1e4; bounding x0 keeps the latents at the data's scale."""
+    model = tiny()
+    labels = torch.arange(4)
+    wild = sample_latents(model, labels, num_iter=2, generator=torch.Generator().manual_seed(0))
+    tame = sample_latents(model, labels, num_iter=2, clip_x0=3.0, generator=torch.Generator().manual_seed(0))
+    assert wild.abs().max() > 100
+    assert tame.abs().max() <= 3.0 + 1e-4  # the last step returns the posterior mean at t = 0: x0 itself

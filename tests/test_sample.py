@@ -136,3 +136,53 @@ def test_wrong_combinations_fail_before_sampling(tiny_models, tmp_path):
     with pytest.raises(UserError, match="not a multiple of the 10 classes.*use 20 or 30"):
         run(tiny_models, out, "two-stage", "sample.num_images=25")
     assert not out.exists()
+
+
+def _real_encoded(root, count):
+    from d2ctool.data.reader import ShardReader
+    from d2ctool.data.shards import read_npy
+
+    codes, moments, labels = [], [], []
+    for _, members in ShardReader(root / "encoded", 0, 1, manifest_kind="d2c-encoded-shards").raw():
+        codes.append(read_npy(members["codes.npy"])[0])
+        moments.append(read_npy(members["moments.npy"])[0])
+        labels.append(int(members["cls"]))
+        if len(codes) == count:
+            break
+    return np.stack(codes), np.stack(moments).astype(np.float32), np.array(labels)
+
+
+@pytest.mark.parametrize("mode", ["vq-reconstruction", "kl-reconstruction"])
+def test_reconstruction_modes_decode_the_real_images(tiny_models, tmp_path, mode):
+    """The ceilings: the real images' codes through the VQ decoder, their posterior means through the KL one."""
+    import torch
+
+    from d2ctool.tokenizers.load import load_tokenizer
+    from d2ctool.visual import to_uint8
+
+    out = tmp_path / mode
+    run(tiny_models, out, mode)
+    npz = np.load(out / "samples.npz")
+    codes, moments, labels = _real_encoded(tiny_models, 20)
+    assert npz["labels"].tolist() == labels.tolist()
+    with torch.no_grad():
+        if mode == "vq-reconstruction":
+            vq, _ = load_tokenizer("vq", "vq-tiny-s4", tiny_models / "vq-tiny-s4.pt")
+            expected = vq.decode_codes(torch.from_numpy(codes.astype(np.int64)).view(20, 8, 8))
+        else:
+            kl, _ = load_tokenizer("kl", "kl-tiny-s4", tiny_models / "kl-tiny-s4.pt")
+            expected = kl.decoder(kl.post_quant_conv(torch.from_numpy(moments[:, :4])))
+    assert np.abs(npz["arr_0"].astype(int) - to_uint8(expected).astype(int)).max() <= 1
+    manifest = __import__("json").loads((out / "manifest.json").read_text())
+    assert manifest["mode"] == mode and manifest["loaded"]["real_images"]["count"] == 20
+    assert set(manifest["loaded"]) == {"vq" if mode == "vq-reconstruction" else "kl", "real_images"}
+
+
+def test_manifest_records_sizes_and_speed(tiny_models, tmp_path):
+    from d2ctool.continuous.load import load_mar
+
+    run(tiny_models, tmp_path / "s")
+    manifest = __import__("json").loads((tmp_path / "s" / "manifest.json").read_text())
+    mar, _ = load_mar("mar-tiny", tiny_models / "add")
+    assert manifest["loaded"]["stage2"]["parameters"] == sum(p.numel() for p in mar.parameters())
+    assert manifest["loaded"]["stage1"]["parameters"] > 0 and manifest["images_per_second"] > 0

@@ -78,3 +78,25 @@ def test_loss_falls_on_a_few_samples(tiny_data, tmp_path):
 def test_cli_reports_missing_data_clearly(tmp_path):
     proc = run_d2c("train-continuous", "--set", f"continuous.data={tmp_path}", "--set", f"continuous.out={tmp_path / 'o'}")
     assert proc.returncode == 2 and "is not a finished shard folder" in proc.stderr
+
+
+def test_weight_decay_spares_the_diffusion_head_biases_and_norms_as_mar_does():
+    """MAR (util/misc.py add_weight_decay): no decay on 1-D tensors, biases, and anything under `diffloss`."""
+    from d2ctool.continuous.load import build_mar, preset_config
+    from d2ctool.discrete.config import preset
+    from d2ctool.discrete.model import GPT
+    from d2ctool.training.config import TrainConfig
+    from d2ctool.training.trainer import make_optimizer
+
+    cfg = TrainConfig(weight_decay=0.02)
+    mar = build_mar(preset_config("mar-tiny", {"fusion": "add"}))
+    decayed, spared = (set(map(id, g["params"])) for g in make_optimizer(mar, cfg).param_groups)
+    for name, p in mar.named_parameters():
+        expected = p.dim() >= 2 and not name.startswith("diffloss.")
+        assert (id(p) in decayed) == expected and (id(p) in spared) != expected, name
+    assert any(n.startswith("diffloss.") and p.dim() >= 2 for n, p in mar.named_parameters())
+    gpt_cfg = preset("gpt-tiny")
+    gpt_cfg.vocab_size, gpt_cfg.grid, gpt_cfg.num_classes = 64, 4, 10
+    gpt = GPT(gpt_cfg)
+    decayed, _ = (set(map(id, g["params"])) for g in make_optimizer(gpt, cfg).param_groups)
+    assert decayed == {id(p) for p in gpt.parameters() if p.dim() >= 2}

@@ -94,6 +94,9 @@ class ContinuousSamplingConfig:
     cfg_scale: float = bounded(2.9, min=1.0)
     cfg_schedule: Literal["linear", "constant"] = "linear"
     temperature: float = bounded(1.0, min=1e-3)
+    # bound on the diffusion head's predicted x0 at every step, in scaled-latent units; 0 = off (MAR's
+    # sampler, exact for official weights). A briefly trained head needs it: see DiffusionHead.sample.
+    clip_x0: float = bounded(0.0, min=0.0)
 
 
 @dataclass

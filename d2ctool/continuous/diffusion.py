@@ -99,9 +99,13 @@ class NoiseSchedule:
         """Mean of q(x_{t-1} | x_t, x_0)."""
         return self.at("posterior_coef_x0", t) * x0 + self.at("posterior_coef_xt", t) * xt
 
-    def p_mean_log_var(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, v: torch.Tensor):
-        """Mean and log-variance of p(x_{t-1} | x_t) from predicted epsilon and variance interpolation v."""
+    def p_mean_log_var(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, v: torch.Tensor,
+                       clip_x0: float = 0.0):
+        """Mean and log-variance of p(x_{t-1} | x_t) from predicted epsilon and variance interpolation v.
+        With clip_x0 > 0 the implied x0 is clamped to [-clip_x0, clip_x0] first (ADM's clip_denoised)."""
         x0 = self.at("sqrt_recip_ac", t) * xt - self.at("sqrt_recipm1_ac", t) * eps
+        if clip_x0 > 0:
+            x0 = x0.clamp(-clip_x0, clip_x0)
         frac = (v + 1) / 2
         log_var = frac * self.at("log_betas", t) + (1 - frac) * self.at("posterior_log_var", t)
         return self.posterior(x0, xt, t), log_var
@@ -246,10 +250,16 @@ class DiffusionHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg_scale: float = 1.0,
-               z_uncond: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+               z_uncond: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               clip_x0: float = 0.0) -> torch.Tensor:
         """One token per row of z [N, Z] -> [N, C] (float32). With z_uncond, the network runs on both
         conditions in one batch and eps = eps_uncond + cfg_scale * (eps_cond - eps_uncond); the variance
-        comes from the conditional half."""
+        comes from the conditional half.
+
+        clip_x0 > 0 bounds the x0 implied by eps at every step. MAR samples unclipped (0), which needs a
+        head whose eps is very accurate at the first steps: at t = 999 of the cosine schedule x0 is
+        (x_t - sqrt(1 - abar) eps) / sqrt(abar) with 1 / sqrt(abar) ~ 2e4, so an eps error of 0.05 puts
+        x0 near 1,000 and the chain never recovers; clipping at the data's range removes that."""
         s, n = self.sample_schedule, z.shape[0]
         cond = z if z_uncond is None else torch.cat([z, z_uncond])
         x = rng.randn((n, self.channels), z.device, generator)
@@ -262,7 +272,7 @@ class DiffusionHead(nn.Module):
                 eps, v = self.net(torch.cat([x, x]), torch.cat([t_net, t_net]), cond).float().split(self.channels, dim=1)
                 eps_c, eps_u = eps.chunk(2)
                 eps, v = eps_u + cfg_scale * (eps_c - eps_u), v[:n]
-            mean, log_var = s.p_mean_log_var(x, t, eps, v)
+            mean, log_var = s.p_mean_log_var(x, t, eps, v, clip_x0)
             if i > 0:
                 x = mean + torch.exp(0.5 * log_var) * rng.randn(x.shape, z.device, generator) * temperature
             else:

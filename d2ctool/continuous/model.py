@@ -41,6 +41,9 @@ def truncated_normal_mask_ratio(minimum: float, generator: torch.Generator | Non
 
 
 class MAR(nn.Module):
+    # MAR trains its diffusion head without weight decay (util/misc.py add_weight_decay); so does our trainer
+    no_weight_decay_prefixes = ("diffloss.",)
+
     def __init__(self, cfg: MARConfig):
         super().__init__()
         self.cfg = cfg.validate()

@@ -23,9 +23,10 @@ from d2ctool.errors import UserError
 def sample_latents(model: MAR, labels: torch.Tensor | None, codes: torch.Tensor | None = None, *,
                    batch: int | None = None, num_iter: int = 64, cfg: float = 1.0,
                    cfg_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
-                   generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
+                   clip_x0: float = 0.0, generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
     """Scaled latents [B, C, h, w] (float32) for class labels [B] (None: unconditional, then give `batch`)
     and, for a fused model, discrete codes [B, code_size**2]. Deterministic for a given generator.
+    clip_x0 > 0 bounds the diffusion head's predicted x0 (see `DiffusionHead.sample`).
     `progress`, if given, is called with (step, num_iter) after each step."""
     if cfg_schedule not in ("linear", "constant"):
         raise UserError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
@@ -69,7 +70,7 @@ def sample_latents(model: MAR, labels: torch.Tensor | None, codes: torch.Tensor 
             if to_predict.any():
                 z_cond = z[:bsz][to_predict]
                 z_uncond = z[bsz:][to_predict] if guided else None
-                tokens[to_predict] = model.diffloss.sample(z_cond, temperature, scale, z_uncond, generator)
+                tokens[to_predict] = model.diffloss.sample(z_cond, temperature, scale, z_uncond, generator, clip_x0)
             mask = next_mask
             if progress is not None:
                 progress(step + 1, num_iter)

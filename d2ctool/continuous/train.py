@@ -116,7 +116,7 @@ class ContinuousTask:
         s = self.cfg.sampling
         latents = sample_latents(model, labels, codes if self._model_cfg.fusion != "none" else None,
                                  num_iter=min(s.num_iter, model.cfg.seq_len), cfg=s.cfg_scale,
-                                 cfg_schedule=s.cfg_schedule, temperature=s.temperature,
+                                 cfg_schedule=s.cfg_schedule, temperature=s.temperature, clip_x0=s.clip_x0,
                                  generator=torch.Generator(device).manual_seed(0))
         kl = self.kl(device)
         images = torch.cat([kl.decode_latents(means, self.norm), kl.decode_latents(latents, self.norm)])

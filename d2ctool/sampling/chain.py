@@ -4,6 +4,10 @@ two-stage        labels -> stage-1 codes (KV-cache GPT or RAR) -> stage-2 latent
 discrete-only    labels -> stage-1 codes -> VQ decode                       (the LlamaGen baseline)
 continuous-only  labels -> stage-2 latents, fusion none -> KL decode        (the MAR baseline)
 oracle-codes     real images' codes and labels -> stage-2 latents -> KL decode  (stage 2's upper bound)
+vq-reconstruction  real images' codes -> VQ decode                           (the VQ tokenizer's ceiling)
+kl-reconstruction  real images' posterior means -> KL decode                 (the KL tokenizer's ceiling)
+
+The last three read the real images (codes, labels, moments) from encoded shards (`sample.oracle_data`).
 
 Stage-2 latents are mapped back to the KL tokenizer's by the `LatentNorm` stage 2 was trained with.
 """
@@ -29,6 +33,7 @@ from d2ctool.discrete.load import data_config, family, load_stage1
 from d2ctool.errors import UserError
 from d2ctool.sampling.config import SampleConfig
 from d2ctool.tokenizers.config import TokenizersConfig
+from d2ctool.tokenizers.kl import posterior_latents
 from d2ctool.tokenizers.latent_norm import LatentNorm
 from d2ctool.tokenizers.load import load_tokenizer
 from d2ctool.training.trainer import CHECKPOINT_FORMAT, run_checkpoint
@@ -46,6 +51,7 @@ class Chain:
     kl: torch.nn.Module | None = None
     oracle: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes [N, L], labels [N]) of real images
     latent_norm: LatentNorm | None = None  # stage 2's latents -> the KL tokenizer's
+    real_latents: torch.Tensor | None = None  # kl-reconstruction: posterior means [N, C, h, w], unnormalised
     loaded: dict = field(default_factory=dict)  # what was loaded, for the manifest
 
     @property
@@ -54,7 +60,10 @@ class Chain:
 
     @property
     def uses_stage2(self) -> bool:
-        return self.cfg.mode != "discrete-only"
+        return self.cfg.mode in ("two-stage", "continuous-only", "oracle-codes")
+
+
+POSTERIOR_MEANS = LatentNorm.scalar(1.0, "none: the tokenizer's own posterior means")
 
 
 def _require(value, what: str, mode: str):
@@ -110,10 +119,10 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
     mode = cfg.mode
     vq = kl = gpt = mar = vq_info = kl_info = norm = None
     loaded = {}
-    if mode in ("two-stage", "discrete-only"):
+    if mode in ("two-stage", "discrete-only", "vq-reconstruction"):
         vq, vq_info = load_tokenizer("vq", tokenizers.vq.preset, tokenizers.vq.checkpoint)
         loaded["vq"] = vq_info.record()
-    if mode != "discrete-only":
+    if mode in ("two-stage", "continuous-only", "oracle-codes", "kl-reconstruction"):
         kl, kl_info = load_tokenizer("kl", tokenizers.kl.preset, tokenizers.kl.checkpoint)
         loaded["kl"] = kl_info.record()
     if mode in ("two-stage", "discrete-only"):
@@ -128,7 +137,7 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
         loaded["stage1"] = {**info, "family": family(gpt.cfg), "config": dataclasses.asdict(gpt.cfg),
                             "sampling": dataclasses.asdict(cfg.stage1.resolved())}
         _check_stage1_fits_vq(gpt.cfg, path, vq, tokenizers.vq.checkpoint, grid)
-    if mode != "discrete-only":
+    if mode in ("two-stage", "continuous-only", "oracle-codes"):
         path = _require(cfg.continuous, "sample.continuous (a train-continuous run or MAR's mar_*.pth)", mode)
         mar, stage2_info = load_mar(cfg.continuous_preset, path, {"num_sampling_steps": cfg.stage2.num_sampling_steps},
                                     use_ema=cfg.use_ema)
@@ -155,15 +164,25 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
     if mar is not None:  # after the checks of shapes, which say more than a differing checksum
         norm = stage2_latent_norm(stage2_info, kl, kl_info, vq_info if mar.cfg.fusion != "none" else None)
         loaded["latent_norm"] = norm.record()
-    oracle = None
+    oracle = real_latents = None
     if mode == "oracle-codes":
         data = _require(cfg.oracle_data, "sample.oracle_data (encoded shards)", mode)
         oracle = _oracle_codes(data, mar, cfg.num_images, stage2_info.trained_on)
-    num_classes = gpt.cfg.num_classes if gpt is not None else mar.cfg.num_classes
-    for model in (gpt, mar, vq, kl):
+    elif mode in ("vq-reconstruction", "kl-reconstruction"):
+        data = _require(cfg.oracle_data, "sample.oracle_data (encoded shards of real images)", mode)
+        oracle, real_latents = _real_images(data, cfg.num_images, vq_info if vq is not None else kl_info)
+    if oracle is not None:
+        loaded["real_images"] = {"data": str(cfg.oracle_data), "count": len(oracle[1])}
+    if gpt is not None or mar is not None:
+        num_classes = gpt.cfg.num_classes if gpt is not None else mar.cfg.num_classes
+    else:  # reconstructions: the classes of the real images
+        num_classes = int(oracle[1].max()) + 1
+    for key, model in (("stage1", gpt), ("stage2", mar), ("vq", vq), ("kl", kl)):
         if model is not None:
             model.to(device).eval()
-    return Chain(cfg, device, num_classes, gpt, mar, vq, kl, oracle, latent_norm=norm, loaded=loaded)
+            loaded[key]["parameters"] = sum(p.numel() for p in model.parameters())
+    return Chain(cfg, device, num_classes, gpt, mar, vq, kl, oracle, latent_norm=norm, loaded=loaded,
+                 real_latents=real_latents)
 
 
 def _oracle_codes(data: str, mar, count: int, trained_on: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,6 +204,28 @@ def _oracle_codes(data: str, mar, count: int, trained_on: dict | None) -> tuple[
         if len(codes) == count:
             break
     return torch.from_numpy(np.stack(codes)), torch.tensor(labels)
+
+
+def _real_images(data: str, count: int, tokenizer: LoadedWeights):
+    """((codes [N, L], labels [N]), posterior means [N, C, h, w] or None) of the first `count` images of
+    encoded shards (original view), which must come from `tokenizer` (the one that decodes them)."""
+    reader = ShardReader(data, 0, 1, manifest_kind="d2c-encoded-shards")
+    theirs = reader.manifest["tokenizers"][tokenizer.kind]
+    if theirs.get("sha256") != tokenizer.sha256:
+        raise UserError(f"{data} was encoded with the {tokenizer.kind} tokenizer {_side(theirs)}, but "
+                        f"tokenizers.{tokenizer.kind} is {_side(tokenizer.record())}: give the tokenizer it was "
+                        "encoded with")
+    if len(reader) < count:
+        raise UserError(f"{data} holds {len(reader)} images, fewer than sample.num_images {count}")
+    codes, labels, means = [], [], []
+    for _, members in reader.raw():
+        codes.append(read_npy(members["codes.npy"])[0].astype(np.int64))
+        labels.append(int(members["cls"]))
+        if tokenizer.kind == "kl":
+            means.append(posterior_latents(torch.from_numpy(read_npy(members["moments.npy"])[:1]), None)[0])
+        if len(codes) == count:
+            break
+    return (torch.from_numpy(np.stack(codes)), torch.tensor(labels)), torch.stack(means) if means else None
 
 
 def make_labels(cfg: SampleConfig, num_classes: int, chain: Chain | None = None) -> np.ndarray:
@@ -224,17 +265,21 @@ def generate_batch(chain: Chain, labels: np.ndarray, start: int, timings: dict) 
             codes = generate(chain.gpt, y, cfg.stage1, generator)
         elif chain.oracle is not None:
             codes = chain.oracle[0][start:start + len(labels)].to(device)
+        if chain.real_latents is not None:
+            latents = chain.real_latents[start:start + len(labels)].to(device)
         t1 = time.perf_counter()
         if chain.uses_stage2:
             s = cfg.stage2
             latents = sample_latents(chain.mar, y, codes if chain.mar.cfg.fusion != "none" else None,
                                      num_iter=min(s.num_iter, chain.mar.cfg.seq_len), cfg=s.cfg_scale,
-                                     cfg_schedule=s.cfg_schedule, temperature=s.temperature, generator=generator)
+                                     cfg_schedule=s.cfg_schedule, temperature=s.temperature, clip_x0=s.clip_x0, generator=generator)
         t2 = time.perf_counter()
         if chain.uses_stage2:
             images = chain.kl.decode_latents(latents, chain.latent_norm)
+        elif chain.real_latents is not None:
+            images = chain.kl.decode_latents(latents, POSTERIOR_MEANS)
         else:
-            g = chain.gpt.cfg.grid
+            g = int(round(codes.shape[1] ** 0.5))
             images = chain.vq.decode_codes(codes.view(-1, g, g))
         pixels = to_uint8(images.float())
         t3 = time.perf_counter()

@@ -9,17 +9,18 @@ from d2ctool.config import bounded, nested
 from d2ctool.continuous.config import ContinuousSamplingConfig
 from d2ctool.discrete.config import SamplingConfig
 
-MODES = ("two-stage", "discrete-only", "continuous-only", "oracle-codes")
+MODES = ("two-stage", "discrete-only", "continuous-only", "oracle-codes", "vq-reconstruction", "kl-reconstruction")
 
 
 @dataclass
 class SampleConfig:
-    mode: Literal["two-stage", "discrete-only", "continuous-only", "oracle-codes"] = "two-stage"
+    mode: Literal["two-stage", "discrete-only", "continuous-only", "oracle-codes", "vq-reconstruction",
+                  "kl-reconstruction"] = "two-stage"
     discrete: str | None = None  # stage 1: a train-discrete run folder, or LlamaGen's c2i_*_256.pt
     discrete_preset: str = "gpt-b"  # architecture of an official stage-1 file
     continuous: str | None = None  # stage 2: a train-continuous run folder, our checkpoint, or MAR's mar_*.pth
     continuous_preset: str = "mar-b"  # architecture of an official stage-2 file
-    oracle_data: str | None = None  # oracle-codes: encoded shards whose real codes condition stage 2
+    oracle_data: str | None = None  # oracle-codes and *-reconstruction: encoded shards of real images
     image_size: int = bounded(256, min=8)  # official stage-1 files: token grid = image_size / VQ stride
     num_images: int = bounded(50_000, min=1)
     classes: list[int] | None = None  # explicit labels, cycled; default: class-balanced over all classes

@@ -132,6 +132,7 @@ def sample(cfg: SampleConfig, tokenizers: TokenizersConfig, out: str | Path, res
         write_grid(out, labels, cfg)
         folder.finish({"format": FORMAT, "version": 1, "mode": cfg.mode, "num_images": int(len(labels)),
                        "class_balanced": not cfg.classes and chain.oracle is None, "loaded": chain.loaded,
+                       "images_per_second": round(total / elapsed, 3) if elapsed > 0 and total else None,
                        "files": {"images": "images/%06d.png", "npz": "samples.npz", "grid": "grid.png"}})
     distributed.barrier()
     return SampleResult(out, len(labels), total, images_per_second=total / elapsed if elapsed > 0 else 0.0,

@@ -96,10 +96,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on tensors of 2 or more dimensions (weight matrices, embeddings) only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    """AdamW; weight decay on tensors of 2 or more dimensions (weight matrices, embeddings) only, and not
+    on the parameters under a model's `no_weight_decay_prefixes` (MAR: its diffusion head)."""
+    skip = tuple(getattr(model, "no_weight_decay_prefixes", ()))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decayed = [p.dim() >= 2 and not n.startswith(skip) for n, p in named]
+    groups = [{"params": [p for (_, p), d in zip(named, decayed) if d], "weight_decay": cfg.weight_decay},
+              {"params": [p for (_, p), d in zip(named, decayed) if not d], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=tuple(cfg.betas))
 
 
@@ -338,7 +341,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     record = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in totals.items()},
                               "lr": lr_at(step - 1, cfg), "grad_norm": round(float(grad_norm), 6),
-                              "samples_per_s": round(window_samples / elapsed, 2)}
+                              "samples_per_s": round(window_samples / elapsed, 2), "seconds": round(elapsed, 3)}
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     write_event(metrics_path, "appended")

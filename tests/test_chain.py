@@ -1,0 +1,74 @@
+"""The whole experiment at the smallest sizes, through the Makefile's own chain (`make experiment`): every
+command's output is the next one's input, and the results table is built from the real metrics files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from conftest import REPO
+
+SMALLEST = """
+prepare: {shard_size: 20, workers: 1, synthetic: {num_classes: 4, images_per_class: 6, resolution: 40}}
+tokenizer_training:
+  codebook_size: 64
+  resolution: 32
+  val_images: 8
+  train: {steps: 3, global_batch_size: 8, num_workers: 0, sample_every: 0, log_every: 1}
+encode: {resolution: 32, batch_size: 16}
+discrete:
+  model: gpt-tiny
+  grid_classes: 2
+  train: {steps: 2, global_batch_size: 8, num_workers: 0, sample_every: 0, log_every: 1}
+continuous:
+  model: mar-tiny
+  grid_samples: 2
+  train: {steps: 2, global_batch_size: 8, num_workers: 0, sample_every: 0, log_every: 1}
+  sampling: {num_iter: 2, num_sampling_steps: 4}
+sample:
+  num_images: 8
+  batch_size: 8
+  grid_classes: 2
+  grid_per_class: 2
+  stage1: {top_k: 0}
+  stage2: {num_iter: 2, num_sampling_steps: 4, clip_x0: 3.0}
+fid: {features: inception-random, resolution: 32, num_ref_images: 8, batch_size: 8}
+"""
+
+SYSTEMS = ["vq-reconstruction", "kl-reconstruction", "discrete-only", "continuous-only",
+           *[f"{kind}-{f}" for kind in ("two-stage", "oracle-codes") for f in ("add", "prefix", "qformer", "crossattn")]]
+
+
+def test_make_experiment_runs_every_stage_into_the_next_and_builds_the_table(tmp_path):
+    recipe = tmp_path / "smallest.yaml"
+    recipe.write_text(SMALLEST)
+    run = tmp_path / "run"
+    env = {**os.environ, "D2C_CACHE_DIR": str(tmp_path / "cache")}
+    make = ["make", "--no-print-directory", "-C", str(REPO), "experiment", f"RUN={run}", f"RECIPE={recipe}",
+            f"D2C={sys.executable} -m d2ctool", "JOBS=2", "VAL_PER_CLASS=2", "OMP_NUM_THREADS=1"]
+    proc = subprocess.run(make, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    results = json.loads((run / "results.json").read_text())
+    assert [r["system"] for r in results["rows"]] == SYSTEMS
+    for row in results["rows"]:
+        metrics = json.loads((run / "samples" / row["system"] / "metrics.json").read_text())
+        assert row["fid"] == metrics["fid"] and row["precision"] == metrics["precision"]
+        assert row["num_samples"] == 8 and row["extractor"]["name"] == "inception-random"
+    by_name = {r["system"]: r for r in results["rows"]}
+    assert by_name["two-stage-add"]["training"]["stage2"]["steps"] == 2
+    assert by_name["two-stage-add"]["training"]["stage1"]["steps"] == 2
+    assert by_name["two-stage-add"]["parameters"]["stage1"] > 0 and by_name["discrete-only"]["parameters"].get("stage2") is None
+    table = (run / "results.md").read_text()
+    assert "RANDOM weights, not comparable" in table and all(f"| {s} |" in table for s in SYSTEMS)
+    assert table in proc.stdout  # printed at the end
+    picture = Image.open(run / "results.png")
+    assert picture.size[1] > len(SYSTEMS) * 96
+
+    # a finished experiment is a no-op: make finds every step done and runs no command
+    again = subprocess.run(make, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and "d2ctool" not in again.stdout
