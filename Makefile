@@ -20,7 +20,8 @@ VAL_PER_CLASS ?= 20
 $(BIN)/d2c: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fid]'
+	# PYTHONWARNINGS: setuptools' notices about editable installs of a flat layout are not for our users
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fid]'
 	touch $@
 
 install: $(BIN)/d2c
