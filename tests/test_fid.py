@@ -342,3 +342,15 @@ def test_help_has_examples_and_recipe_section_defaults():
         ("inception", "legacy_tensorflow", 10000, 5000, 3, 256)
     with pytest.raises(UserError, match="fid.features: expected one of 'inception', 'inception-random'"):
         load_recipe(None, ["features=vgg"], "fid")
+
+
+def test_real_images_in_shards_score_as_samples_with_the_reference_crop(work, tmp_path):
+    """Raw images (a shard folder, e.g. held-out images for the real-vs-real floor) get the ADM crop of
+    fid.resolution, as the reference does: the same images give FID 0 against their own reference."""
+    from d2ctool.evaluation.fid import run_fid
+    from d2ctool.evaluation.reference import fid_ref
+
+    ref = tmp_path / "ref.npz"
+    fid_ref(work / "shards", ref, fid_cfg(work, "num_ref_images=8"), "")
+    result = run_fid(work / "shards", ref, fid_cfg(work), out=tmp_path / "metrics.json")
+    assert abs(result.metrics["fid"]) < 1e-3 and result.metrics["samples"]["image_size"] == [32, 32]

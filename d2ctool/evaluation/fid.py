@@ -18,7 +18,7 @@ from d2ctool.errors import UserError
 from d2ctool.evaluation import metrics as M
 from d2ctool.evaluation.cache import FeatureCache, make_cache
 from d2ctool.evaluation.features import RANDOM_LABEL, Extractor, Features, extractor_label, full_float32
-from d2ctool.evaluation.inputs import ImageSet, ReferenceNpz, load_reference_npz, open_images
+from d2ctool.evaluation.inputs import ImageSet, ReferenceNpz, is_shard_folder, load_reference_npz, open_images
 from d2ctool.evaluation.reference import cached_reference, extract_features, versions
 from d2ctool.evaluation.weights import WEIGHTS_FILE
 from d2ctool.io import check_writable, sha256_file, write_json
@@ -190,7 +190,10 @@ def run_fid(samples_path: str | Path, ref_path: str | Path, cfg, out: str | Path
     if not out.parent.exists():
         raise UserError(f"--out: folder not found: {out.parent} (create it first)")
     check_writable(out.parent)  # before any feature is extracted
-    samples: ImageSet = open_images(samples_path, workers=cfg.workers, what="samples")
+    # generated samples are scored at their own size; raw images (a shard folder, e.g. real held-out images as
+    # a "system") get the reference's ADM crop
+    crop = cfg.resolution if is_shard_folder(Path(samples_path)) else None
+    samples: ImageSet = open_images(samples_path, crop=crop, workers=cfg.workers, what="samples")
     _existing_reference(ref_path)  # before the weights: the cheapest mistakes first
     extractor = make_extractor(cfg)
     reference = open_reference(ref_path, extractor, cfg)
@@ -211,8 +214,9 @@ def run_fid(samples_path: str | Path, ref_path: str | Path, cfg, out: str | Path
         notes.append(f"{len(samples)} samples; the papers' protocol uses {ADM_NUM_SAMPLES:,} class-balanced samples "
                      "(FID is biased upward with fewer)")
     ref_size = ref.info.get("image_size")
-    if ref_size and list(samples.image_size()) != list(ref_size):
-        notes.append(f"samples are {samples.image_size()[0]}x{samples.image_size()[1]} but reference images are "
+    size = samples.image_size()  # None: images of mixed sizes
+    if ref_size and size and list(size) != list(ref_size):
+        notes.append(f"samples are {size[0]}x{size[1]} but reference images are "
                      f"{ref_size[0]}x{ref_size[1]}")
     if values["precision"] is None:
         notes.append("precision/recall not computed: the reference has no images (arr_0) or a set has <= "
@@ -234,7 +238,7 @@ def run_fid(samples_path: str | Path, ref_path: str | Path, cfg, out: str | Path
                "num_reference_statistics_images": ref.info.get("statistics_images"),
                "extractor": extractor.describe(),
                "samples": {**samples.describe(), "content_sha256": samples.content_sha256(),
-                           "image_size": list(samples.image_size())},
+                           "image_size": list(size) if size else None},
                "reference": ref.info,
                "notes": notes,
                "settings": to_dict(cfg),
