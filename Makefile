@@ -17,10 +17,11 @@ VAL_PER_CLASS ?= 20
 # every file below is a finished step's marker: never delete one as an intermediate
 .SECONDARY:
 
+# PYTHONWARNINGS on the pip line: setuptools' notices about editable installs of a flat layout are not for
+# our users (errors still show)
 $(BIN)/d2c: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	# PYTHONWARNINGS: setuptools' notices about editable installs of a flat layout are not for our users
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fid]'
 	touch $@
 
