@@ -2,7 +2,8 @@
 
 Tiny MaskGIT and VA-VAE presets with random weights, written in the official containers (a bare `.bin`
 state dict; a Lightning `{'state_dict': ...}` with training-only keys), then encode -> train-discrete
-and train-continuous -> sample (two-stage, and discrete-only through the MaskGIT decoder).
+(GPT, and RAR: DisCon's whole chain) and train-continuous -> sample (two-stage, and discrete-only
+through the MaskGIT decoder).
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def discon(tiny_data, tmp_path_factory):
     recipe = load_recipe(None, [f"discrete.data={root / 'encoded'}", f"discrete.out={root / 'gpt'}",
                                 "discrete.model=gpt-tiny", "discrete.sampling.top_k=0", "discrete.grid_classes=1",
                                 "discrete.train.sample_every=0", *[f"discrete.{c}" for c in TRAIN]])
+    train_discrete(recipe.discrete, to_dict(recipe.discrete), recipe_yaml(recipe))
+    recipe = load_recipe(None, [f"discrete.data={root / 'encoded'}", f"discrete.out={root / 'rar'}",
+                                "discrete.model=rar-tiny", "discrete.permutation.anneal_start=0",
+                                "discrete.permutation.anneal_end=2", "discrete.sampling.top_k=0",
+                                "discrete.grid_classes=1", "discrete.train.sample_every=0",
+                                *[f"discrete.{c}" for c in TRAIN]])
     train_discrete(recipe.discrete, to_dict(recipe.discrete), recipe_yaml(recipe))
     recipe = load_recipe(None, [f"continuous.data={root / 'encoded'}", f"continuous.out={root / 'mar'}",
                                 "continuous.model=mar-tiny", "continuous.fusion=add", "continuous.sampling.num_iter=2",
@@ -113,8 +120,8 @@ def test_stage2_data_and_grids_use_the_manifest_statistics(discon):
     assert ckpt["config"]["trained_on"]["latent_norm"] == manifest["latent_norm"]
 
 
-def run(root, tokenizers, out, mode, *extra):
-    recipe = load_recipe(None, [*tokenizers, f"sample.mode={mode}", f"sample.discrete={root / 'gpt'}",
+def run(root, tokenizers, out, mode, *extra, stage1="gpt"):
+    recipe = load_recipe(None, [*tokenizers, f"sample.mode={mode}", f"sample.discrete={root / stage1}",
                                 f"sample.continuous={root / 'mar'}", "sample.num_images=10", "sample.batch_size=10",
                                 "sample.stage1.top_k=0", "sample.stage2.num_iter=2",
                                 "sample.stage2.num_sampling_steps=4", "sample.grid_classes=2",
@@ -122,15 +129,17 @@ def run(root, tokenizers, out, mode, *extra):
     return sample(recipe.sample, recipe.tokenizers, out, recipe_yaml(recipe))
 
 
+@pytest.mark.parametrize("stage1", ["gpt", "rar"])
 @pytest.mark.parametrize("mode", ["two-stage", "discrete-only"])
-def test_sampling_through_maskgit_and_vavae(discon, tmp_path, mode):
+def test_sampling_through_maskgit_and_vavae(discon, tmp_path, mode, stage1):
+    """RAR -> MaskGIT codes -> stage 2 -> VA-VAE decoder is DisCon's chain; GPT over the same codes too."""
     root, tokenizers = discon
-    result = run(root, tokenizers, tmp_path / mode, mode)
+    result = run(root, tokenizers, tmp_path / mode, mode, stage1=stage1)
     assert result.num_images == 10
     arr = np.load(tmp_path / mode / "samples.npz")["arr_0"]
     assert arr.shape == (10, 32, 32, 3) and arr.dtype == np.uint8
     loaded = json.loads((tmp_path / mode / "manifest.json").read_text())["loaded"]
-    assert loaded["vq"]["name"] == "maskgit-tiny-s4"
+    assert loaded["vq"]["name"] == "maskgit-tiny-s4" and loaded["stage1"]["family"] == stage1
     if mode == "two-stage":
         assert loaded["latent_norm"]["kind"] == "channel" and loaded["kl"]["name"] == "vavae-tiny-s4"
 
