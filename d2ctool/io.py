@@ -94,3 +94,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json_object(path: str | Path, remedy: str) -> dict:
+    """A JSON object from `path`; anything else (not JSON, not an object) is a UserError ending in `remedy`."""
+    from d2ctool.errors import UserError
+
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); {remedy}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}; {remedy}")
+    return obj

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from d2ctool.data.shards import MANIFEST, RESOLVED_CONFIG
 from d2ctool.errors import UserError
-from d2ctool.io import TMP_SUFFIX, check_writable, write_json, write_text
+from d2ctool.io import TMP_SUFFIX, check_writable, read_json_object, write_json, write_text
 
 LOCK_FILE = ".d2c-lock"
 _held: dict[str, int] = {}  # real path of a locked folder -> the open lock file (kept until exit or release)
@@ -83,13 +83,7 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}); it is damaged: remove the output folder and re-run") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}; remove the output folder and re-run")
-    return obj
+    return read_json_object(path, "it is damaged: remove the output folder and re-run")
 
 
 class OutputFolder:

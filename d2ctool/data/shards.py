@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
 import zlib
 from pathlib import Path
 from typing import Iterator
 
 from d2ctool.errors import UserError
+from d2ctool.io import read_json_object
 
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
@@ -146,12 +146,7 @@ def load_manifest(root: str | Path, kind: str = "d2c-image-shards", verify: bool
     if not path.is_file():
         raise UserError(f"{root} is not a finished shard folder: {MANIFEST} is missing "
                         f"(run `{MADE_BY.get(kind, 'd2c prepare')}` into it, or let an interrupted run finish)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}); {_remake({'format': kind}, root)}") from None
-    if not isinstance(manifest, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(manifest).__name__}; {_remake({'format': kind}, root)}")
+    manifest = read_json_object(path, _remake({"format": kind}, root))
     if manifest.get("format") != kind:
         raise UserError(f"{path}: expected a {kind} manifest, found format {manifest.get('format')!r}")
     shards = manifest.get("shards")
