@@ -168,7 +168,10 @@ class RAR(nn.Module):
         cond = self.class_ids(labels)
         inputs = torch.cat([cond[:, None], codes.gather(1, orders[:, :-1])], 1)  # at sequence positions 1..N
         own = torch.cat([torch.ones_like(orders[:, :1]), 2 + orders[:, :-1]], 1)  # each input's position row
-        x = self.embeddings(inputs) + self.pos_embed[0, own] + self.target_aware_pos_embed[0, 2 + orders]
+        # rows of the position tables by F.embedding: its CPU backward is deterministic for any thread count,
+        # where advanced indexing's (an accumulating index_put) is not, and exact resume depends on it
+        x = (self.embeddings(inputs) + F.embedding(own, self.pos_embed[0])
+             + F.embedding(2 + orders, self.target_aware_pos_embed[0]))
         x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1), x], 1)
         c = self.embeddings(cond)[:, None] + self.timesteps_embeddings[:, : n + 1]
         logits = self._logits(self._blocks(x, c, None)[:, 1:], c[:, 1:])
