@@ -103,7 +103,8 @@ class OutputFolder:
             previous = _read_json(self.state / "plan.json")
             if previous != self.plan and not any(self.state.glob("[0-9]*.json")):
                 return False  # started but nothing finished (e.g. stopped by a check): start afresh
-        elif any(p.name != LOCK_FILE for p in root.iterdir()):
+        elif any(p.name != LOCK_FILE and not p.name.endswith(TMP_SUFFIX) for p in root.iterdir()):
+            # temporaries do not count: under torchrun another rank's write probe may be there right now
             raise UserError(f"output {root} is not empty and was not made by `d2c {self.command}`; "
                             "choose a new or empty folder")
         else:

@@ -70,3 +70,18 @@ def test_the_lock_is_held_for_the_process_and_reentrant(tmp_path):
     with pytest.raises(UserError, match="not a folder|cannot write"):
         (tmp_path / "file").write_text("x")
         lock_output(tmp_path / "file")
+
+
+def test_another_ranks_write_probe_does_not_make_a_new_folder_look_used(tmp_path, monkeypatch):
+    """Under torchrun every rank checks OUT while rank 0 may be probing it: a temporary file is not output."""
+    from d2ctool.io import TMP_SUFFIX
+    from d2ctool.runstate import OutputFolder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".d2c-write-probe.4242{TMP_SUFFIX}").write_bytes(b"d2c")  # rank 0's probe, mid-write
+    monkeypatch.setenv("RANK", "1")  # rank 1 takes no lock
+    assert OutputFolder(out, "sample", {"a": 1}).check() is False
+    (out / "stray.png").write_bytes(b"x")
+    with pytest.raises(UserError, match="not empty and was not made by `d2c sample`"):
+        OutputFolder(out, "sample", {"a": 1}).check()
