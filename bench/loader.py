@@ -37,6 +37,7 @@ from d2ctool.data.reader import ShardReader
 from d2ctool.data.shards import MANIFEST, npy_bytes, shard_name, write_tar
 from d2ctool.data.torch_dataset import ShardDataset
 from d2ctool.io import write_json
+from d2ctool.tokenizers.latent_norm import LatentNorm
 
 REPO = Path(__file__).resolve().parents[1]
 GRID, CHANNELS, VOCAB, SCALE = 16, 16, 16384, 0.2325  # VQ-16 and KL-16 at 256 px
@@ -63,8 +64,12 @@ def write_encoded(root: Path, samples: int, shard_size: int, seed: int = 0) -> i
             key += 1
         write_tar(root / shard_name("train", k), rows)
         shards.append({"file": shard_name("train", k), "samples": len(rows)})
-    write_json(root / MANIFEST, {"format": ENCODED, "classes": [str(i) for i in range(1000)], "shards": shards,
-                                 "scale_factor": SCALE})
+    write_json(root / MANIFEST, {
+        "format": ENCODED, "classes": [str(i) for i in range(1000)], "class_counts": {}, "shards": shards,
+        "resolution": 256, "grid": [GRID, GRID], "scale_factor": SCALE,
+        "codes": {"dtype": "int16", "shape": [2, GRID * GRID]},
+        "moments": {"dtype": "float16", "shape": [2, 2 * CHANNELS, GRID, GRID]},
+        "tokenizers": {"vq": {"codebook_size": VOCAB}, "kl": {"latent_channels": CHANNELS}}})
     return sum((root / s["file"]).stat().st_size for s in shards)
 
 
@@ -84,7 +89,7 @@ class MeasuredDataset(ShardDataset):
 def epoch(root: Path, workers: int, batch: int, log_dir: Path) -> dict:
     for f in log_dir.glob("*.json"):
         f.unlink()
-    decode = functools.partial(ContinuousTask.decode, SimpleNamespace(scale_factor=SCALE))
+    decode = functools.partial(ContinuousTask.decode, SimpleNamespace(norm=LatentNorm.scalar(SCALE)))
     reader_module._index_tar.cache_clear()
     main_start = rchar()
     start = time.perf_counter()

@@ -165,3 +165,22 @@ def test_each_worker_reads_only_its_own_samples_once(uneven_shards, monkeypatch)
     expected = sum(len(data) for path, i in used
                    for _, members in iter_tar(path, i, i + 1) for data in members.values())
     assert sum(size for _, _, size in all_reads) == expected
+
+
+def test_loader_benchmark_runs_and_each_byte_is_read_once(tmp_path):
+    """bench/loader.py on a small set: it keeps working with the readers' checks, and its measurement holds."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "loader.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "loader.py"), "--samples", "256", "--shard-size", "64",
+                           "--batch", "32", "--workers", "1", "2", "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["workers"] for r in runs] == [1, 2]
+    assert all(0.9 < r["read_over_shard_bytes"] <= 1.1 for r in runs)
