@@ -14,11 +14,11 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 from d2ctool.discrete.config import SamplingConfig, preset
 from d2ctool.discrete.generate import generate
 from d2ctool.discrete.load import build_model, data_config
+from d2ctool.discrete.model import code_loss
 
 
 def timed(fn, device, repeat: int) -> float:
@@ -54,8 +54,7 @@ def main() -> None:
 
     def train_step():
         with autocast:
-            logits = model(codes, labels)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+            loss = code_loss(model(codes, labels), codes)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from d2ctool.continuous.config import FUSIONS
@@ -40,7 +39,7 @@ from d2ctool.continuous.sample import sample_latents
 from d2ctool.discrete.config import SamplingConfig, preset as gpt_preset
 from d2ctool.discrete.generate import generate
 from d2ctool.discrete.load import data_config
-from d2ctool.discrete.model import GPT
+from d2ctool.discrete.model import GPT, code_loss
 from d2ctool.io import write_json
 from d2ctool.tokenizers.encode import encode_images
 from d2ctool.tokenizers.load import build_tokenizer, preset_config as tokenizer_config
@@ -147,8 +146,7 @@ class Bench:
         def step():
             with self.autocast():
                 if kind == "gpt":
-                    logits = step_model(codes, labels)
-                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+                    loss = code_loss(step_model(codes, labels), codes)
                 else:
                     loss = step_model(latents, labels, codes if fusion != "none" else None)
             loss.backward()
@@ -222,8 +220,7 @@ class Bench:
                 autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
                 with torch.no_grad(), autocast:
                     if kind == "gpt":
-                        logits = model(codes, labels)
-                        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), codes.reshape(-1))
+                        loss = code_loss(model(codes, labels).float(), codes)
                     else:  # the training loss, its random draws from one seed
                         loss = model(latents, labels, codes, generator=torch.Generator(self.device).manual_seed(1))
                 losses.append(float(loss))

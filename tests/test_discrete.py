@@ -26,9 +26,13 @@ TINY = GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=32, num_classes=5, grid
 
 def random_model(cfg=TINY, seed=0) -> GPT:
     torch.manual_seed(seed)
-    model = GPT(cfg)
+    return perturbed(GPT(cfg))
+
+
+def perturbed(model):
+    """Every weight given a value (output layers and adaLN modulations start at zero), in eval mode."""
     with torch.no_grad():
-        for p in model.parameters():  # the output layer starts at zero: give every weight a value
+        for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model.eval()
 

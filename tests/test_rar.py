@@ -4,7 +4,6 @@ schedule, the permutation anneal, resume-exact training, and sampling through th
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -23,7 +22,7 @@ from d2ctool.discrete.train import DiscreteTask, train_discrete
 from d2ctool.errors import UserError
 from d2ctool.recipe import load_recipe, recipe_yaml
 from d2ctool.sampling.run import sample
-from test_discrete import _KILL
+from test_discrete import _KILL, perturbed
 from test_sample import overrides as sample_overrides
 from test_sample import tiny_models  # noqa: F401 - the session fixture: tiny VQ/KL, stage-1 and stage-2 runs
 from test_tokenizers import read_manifest
@@ -33,11 +32,7 @@ TINY = RARConfig(dim=64, n_layer=2, n_head=4, mlp_dim=128, vocab_size=32, num_cl
 
 def random_model(cfg=TINY, seed=0) -> RAR:
     torch.manual_seed(seed)
-    model = RAR(cfg)
-    with torch.no_grad():
-        for p in model.parameters():  # adaLN-Zero starts every modulation at zero: give every weight a value
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return perturbed(RAR(cfg))
 
 
 @pytest.mark.parametrize("name, manifest", [("rar-b", "manifest_rar_b.tsv"), ("rar-l", "manifest_rar_l.tsv")])

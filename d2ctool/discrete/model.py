@@ -135,6 +135,11 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, dim)  # last row: the CFG null class
 
 
+def code_loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of next-code logits [B, N, vocab] against the codes [B, N] (GPT and RAR alike)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -178,8 +183,7 @@ class GPT(nn.Module):
         return self._run(self.tok_dropout(h), None)
 
     def loss(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self(codes, labels)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        return code_loss(self(codes, labels), codes)
 
     # ---- generation with a static KV cache -------------------------------------------------------
     def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> None:

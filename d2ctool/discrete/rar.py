@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2ctool.discrete.config import RARConfig
-from d2ctool.discrete.model import causal_attention, drop_labels, new_cache
+from d2ctool.discrete.model import causal_attention, code_loss, drop_labels, new_cache
 
 # The released tables have spare rows: position tables N + 1024, the adaLN step table N + 100.
 POSITION_ROWS_EXTRA = 1024
@@ -178,8 +178,7 @@ class RAR(nn.Module):
         return logits.gather(1, orders.argsort(-1)[..., None].expand_as(logits))  # sequence -> raster order
 
     def loss(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self(codes, labels)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        return code_loss(self(codes, labels), codes)
 
     # ---- generation in raster order with a static KV cache --------------------------------------
     def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> None:

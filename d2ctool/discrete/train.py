@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from d2ctool.data.reader import ShardReader
@@ -23,6 +22,7 @@ from d2ctool.data.shards import load_manifest, read_npy
 from d2ctool.discrete.config import DiscreteConfig, preset
 from d2ctool.discrete.generate import generate
 from d2ctool.discrete.load import build_model, check_compatible, data_config, family, load_stage1, model_record
+from d2ctool.discrete.model import code_loss
 from d2ctool.discrete.rar import RAR
 from d2ctool.errors import UserError
 from d2ctool.tokenizers.load import load_tokenizer
@@ -88,8 +88,7 @@ class DiscreteTask:
 
     def loss(self, model, batch, device):
         codes, labels = (t.to(device, non_blocking=True) for t in batch)
-        logits = model(codes, labels)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1)), {}
+        return code_loss(model(codes, labels), codes), {}
 
     def after_step(self, model, step: int) -> None:
         pass

@@ -9,6 +9,7 @@ and a picture `results.png` (a few classes x samples per system, upscaled so a p
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -148,8 +149,6 @@ def write_results(out: str | Path, systems: list[tuple[str, str | Path]], class_
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", {"title": title, "rows": rows})
     write_text(out / "results.md", markdown_table(rows, title))
-    import io
-
     buf = io.BytesIO()
     results_picture(rows, class_names).save(buf, format="PNG")
     write_bytes(out / "results.png", buf.getvalue())

@@ -195,15 +195,8 @@ def _oracle_codes(data: str, mar, count: int, trained_on: dict | None) -> tuple[
         raise UserError(f"{data} holds {reader.manifest['grid'][0]}x{reader.manifest['grid'][0]} codes of "
                         f"{vq['codebook_size']}, but stage 2 was trained on {mar.cfg.code_size}x{mar.cfg.code_size} "
                         f"codes of {mar.cfg.code_vocab}")
-    if len(reader) < count:
-        raise UserError(f"oracle-codes: {data} holds {len(reader)} images, fewer than sample.num_images {count}")
-    codes, labels = [], []
-    for _, members in reader.raw():
-        codes.append(read_npy(members["codes.npy"])[0].astype(np.int64))
-        labels.append(int(members["cls"]))
-        if len(codes) == count:
-            break
-    return torch.from_numpy(np.stack(codes)), torch.tensor(labels)
+    (codes, labels), _ = _first_images(reader, count, with_means=False, what="oracle-codes: ")
+    return codes, labels
 
 
 def _real_images(data: str, count: int, tokenizer: LoadedWeights):
@@ -215,13 +208,19 @@ def _real_images(data: str, count: int, tokenizer: LoadedWeights):
         raise UserError(f"{data} was encoded with the {tokenizer.kind} tokenizer {_side(theirs)}, but "
                         f"tokenizers.{tokenizer.kind} is {_side(tokenizer.record())}: give the tokenizer it was "
                         "encoded with")
+    return _first_images(reader, count, with_means=tokenizer.kind == "kl")
+
+
+def _first_images(reader: ShardReader, count: int, with_means: bool, what: str = ""):
+    """((codes [N, L], labels [N]), posterior means [N, C, h, w] or None) of the first `count` images of
+    encoded shards, original view."""
     if len(reader) < count:
-        raise UserError(f"{data} holds {len(reader)} images, fewer than sample.num_images {count}")
+        raise UserError(f"{what}{reader.root} holds {len(reader)} images, fewer than sample.num_images {count}")
     codes, labels, means = [], [], []
     for _, members in reader.raw():
         codes.append(read_npy(members["codes.npy"])[0].astype(np.int64))
         labels.append(int(members["cls"]))
-        if tokenizer.kind == "kl":
+        if with_means:
             means.append(posterior_latents(torch.from_numpy(read_npy(members["moments.npy"])[:1]), None)[0])
         if len(codes) == count:
             break

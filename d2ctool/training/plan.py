@@ -40,6 +40,7 @@ from d2ctool.continuous.train import model_config_for_data
 from d2ctool.discrete.train import model_config_for_data as discrete_config_for_data
 from d2ctool.discrete.config import preset as gpt_preset
 from d2ctool.discrete.load import build_model
+from d2ctool.discrete.model import code_loss
 from d2ctool.errors import UserError
 from d2ctool.recipe import Recipe
 from d2ctool.tokenizers.encode import check_grids
@@ -167,8 +168,7 @@ def stage1_step(model: torch.nn.Module, batch: int) -> Callable[[], torch.Tensor
     labels = torch.zeros(batch, dtype=torch.long, device="meta")
 
     def step():
-        logits = model(codes, labels)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        return code_loss(model(codes, labels), codes)
 
     return step
 
