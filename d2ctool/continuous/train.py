@@ -54,7 +54,7 @@ class ContinuousTask:
             raise UserError("continuous.data is not set: give the encoded shards (`d2c encode` output)")
         self.cfg = cfg
         self.manifest = load_manifest(cfg.data, ENCODED)
-        self.norm = from_manifest(self.manifest)
+        self.norm = from_manifest(self.manifest, f"{Path(cfg.data) / 'manifest.json'}")
         self._model_cfg = model_config_for_data(cfg, self.manifest)
         self.model_config = dataclasses.asdict(self._model_cfg)
         self._kl_record = self.manifest["tokenizers"]["kl"]

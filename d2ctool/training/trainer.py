@@ -36,7 +36,7 @@ from d2ctool import distributed
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.torch_dataset import ShardDataset
 from d2ctool.errors import UserError
-from d2ctool.io import atomic_path, write_event, write_json, write_text
+from d2ctool.io import atomic_path, json_text, write_event, write_json, write_text
 from d2ctool.progress import Progress, info
 from d2ctool.runstate import clean_temporaries, lock_output
 from d2ctool.training.config import TrainConfig
@@ -144,9 +144,19 @@ def run_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(path: Path) -> dict:
     from d2ctool.checkpoints import load_file
 
+    from d2ctool.checkpoints import mapping_entry, state_dict_entry
+
     ckpt = load_file(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a d2c training checkpoint")
+    state_dict_entry(ckpt, "model", path)
+    if ckpt.get("ema") is not None:
+        state_dict_entry(ckpt, "ema", path)
+    mapping_entry(ckpt, "optimizer", path)
+    bad = [k for k in ("step", "epoch", "batch_in_epoch") if isinstance(ckpt.get(k), bool) or not isinstance(ckpt.get(k), int)]
+    if bad or not isinstance(ckpt.get("rng"), list):
+        raise UserError(f"{path}: a damaged training checkpoint ({', '.join(bad) or 'rng'} missing or of the wrong "
+                        "type); remove it to resume from the one before, or start a new run folder")
     return ckpt
 
 
@@ -343,7 +353,7 @@ class Trainer:
                               "lr": lr_at(step - 1, cfg), "grad_norm": round(float(grad_norm), 6),
                               "samples_per_s": round(window_samples / elapsed, 2), "seconds": round(elapsed, 3)}
                     with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                        f.write(json_text(record, metrics_path, indent=None) + "\n")
                     write_event(metrics_path, "appended")
                     window_start, window_samples = time.perf_counter(), 0
                 if step % cfg.ckpt_every == 0 or step == cfg.steps:
