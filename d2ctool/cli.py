@@ -322,8 +322,10 @@ def results(
 
     pairs = [(s.split("=", 1)[0], s.split("=", 1)[1]) if "=" in s else (Path(s).name, s) for s in systems]
     names = load_manifest(classes.parent if classes.name == "manifest.json" else classes)["classes"] if classes else None
-    write_results(out, pairs, names, title)
+    outcome = write_results(out, pairs, names, title)
     print((out / "results.md").read_text())
+    if outcome.already_complete:
+        print(f"results: {out} already holds these results; nothing to do")
 
 
 def main() -> None:

@@ -64,6 +64,33 @@ def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def write_files(folder: str | Path, files: dict[str, bytes]) -> None:
+    """Several files that belong together (a table and its picture), written as one set: every one goes to a
+    temporary name first, and only when all are complete on disk are they renamed into place. A failure while
+    writing (a full disk) leaves the previous set untouched."""
+    folder = Path(folder)
+    with contextlib.ExitStack() as stack:
+        ready = []
+        for name, data in files.items():
+            path = folder / name
+            tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+            stack.callback(lambda t=tmp: t.unlink(missing_ok=True))
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                if e.filename is None:
+                    e.filename = str(path)
+                raise
+            write_event(path, "written")
+            ready.append((tmp, path))
+        for tmp, path in ready:
+            os.replace(tmp, path)
+            write_event(path, "renamed")
+
+
 def json_text(obj, path: str | Path, indent: int | None = 2) -> str:
     """`obj` as JSON for the file `path`; a non-finite number in it is a UserError naming its key: a result
     holding NaN or infinity is never written as if it were complete (JSON has no such numbers either)."""
