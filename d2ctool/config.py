@@ -66,6 +66,9 @@ def _coerce(value, tp, where: str):
         if value is None and type(None) in typing.get_args(tp):
             return None
         others = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        if others == [str] and isinstance(value, str) and not value.strip():
+            # an optional path or name given as "": never what was meant (a path would resolve to . or /)
+            raise ConfigError(f"{where}: empty; give a value, or null to leave it unset")
         if len(others) == 1:  # Optional[X]: X's own message says more (e.g. "a finite number")
             return _coerce(value, others[0], where)
         for arg in typing.get_args(tp):
