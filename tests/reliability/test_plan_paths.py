@@ -116,16 +116,16 @@ def test_check_paths_refuses_an_init_checkpoint_for_another_grid(tiny_data, tmp_
     assert code == 0, err
 
 
-def test_check_paths_refuses_a_stage_one_init_for_another_grid(tiny_data, tmp_path, monkeypatch, capsys):
+def test_check_paths_refuses_a_stage_one_init_for_other_data(tiny_data, tmp_path, monkeypatch, capsys):
     from d2ctool.discrete.config import preset
     from d2ctool.discrete.load import build_model, data_config
 
     torch.manual_seed(0)
     other = tmp_path / "gpt.pt"
-    torch.save({"model": build_model(data_config(preset("gpt-tiny"), 512, 4, 10)).state_dict()}, other)
+    torch.save({"model": build_model(data_config(preset("gpt-tiny"), 512, 8, 20)).state_dict()}, other)
     code, err = run_cli(monkeypatch, capsys, *tiny_plan_args(tiny_data, "--set", f"discrete.init={other}"))
     assert_one_line_error(code, err, "discrete.init")
-    # the check --check-paths runs once the presets agree: the file against the model on the recipe's 8x8 grid
+    # the check --check-paths runs once the presets agree: the file against the model for the recipe's data
     from d2ctool.discrete.load import load_stage1
     from d2ctool.errors import UserError
 
