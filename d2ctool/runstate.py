@@ -96,6 +96,8 @@ class OutputFolder:
         root = self.root
         if root.exists() and not root.is_dir():
             raise UserError(f"output {root} exists and is not a folder")
+        if (root / MANIFEST).is_file() and _read_json(root / MANIFEST).get("plan") == self.plan:
+            return True  # finished: only read, so a finished folder on a read-only mount is "nothing to do" too
         lock_output(root)
         if (root / MANIFEST).is_file():
             previous = _read_json(root / MANIFEST).get("plan")

@@ -36,7 +36,7 @@ from d2ctool import distributed
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.torch_dataset import ShardDataset
 from d2ctool.errors import UserError
-from d2ctool.io import atomic_path, json_text, write_event, write_json, write_text
+from d2ctool.io import atomic_path, json_text, read_json_object, write_event, write_json, write_text
 from d2ctool.progress import Progress, info
 from d2ctool.runstate import clean_temporaries, lock_output
 from d2ctool.training.config import TrainConfig
@@ -232,7 +232,13 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, task = self.cfg, self.task
-        lock_output(self.run_dir)  # one writer per run folder; also proves it is writable before any work
+        try:
+            lock_output(self.run_dir)  # one writer per run folder; also proves it is writable before any work
+            unwritable = None
+        except UserError as e:
+            if not (self.run_dir / SUMMARY).is_file():
+                raise
+            unwritable = e  # a finished run on a read-only mount is still "nothing to do"; anything else fails
         rank, world, device = distributed.init(cfg.device)
         if cfg.global_batch_size % (world * cfg.grad_accum):
             raise UserError(f"train.global_batch_size {cfg.global_batch_size} must divide by ranks × grad_accum = "
@@ -249,7 +255,7 @@ class Trainer:
         step = epoch = batch_in_epoch = resumed_from = 0
         torch.manual_seed(cfg.seed * 1000 + rank + 1)  # dropout etc. differ per rank
 
-        if rank == 0:
+        if rank == 0 and unwritable is None:
             clean_temporaries(self.run_dir)
             clean_temporaries(self.ckpt_dir)
         distributed.barrier()
@@ -267,16 +273,22 @@ class Trainer:
             else:
                 _set_rng_state(ckpt["rng"][rank], device)
             resumed_from = step
+            finished = self.run_dir / SUMMARY
+            if step >= cfg.steps and finished.is_file():
+                record = read_json_object(finished, f"remove it to redo the run's final export")
+                if record.get("step") == step and isinstance(record.get("summary"), dict):
+                    if rank == 0:
+                        info(f"{task.name}: {self.run_dir} already finished at step {step}; nothing to do")
+                    return TrainResult(self.run_dir, step, step, record["summary"])
+            if unwritable is not None:
+                raise unwritable
             if rank == 0 and last.name != "last.pt":  # killed between the step file and last.pt: finish that write
                 self._point_last_at(last)
-            finished = self.run_dir / SUMMARY
-            if step >= cfg.steps and finished.is_file() and json.loads(finished.read_text())["step"] == step:
-                if rank == 0:
-                    info(f"{task.name}: {self.run_dir} already finished at step {step}; nothing to do")
-                return TrainResult(self.run_dir, step, step, json.loads(finished.read_text())["summary"])
             if rank == 0:
                 info(f"{task.name}: resuming from step {step} ({last})")
                 self._trim_metrics(step)
+        elif unwritable is not None:
+            raise unwritable
         elif rank == 0:
             self._trim_metrics(0)  # lines of a run killed before its first checkpoint: logged again
         if rank == 0:
