@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 from d2ctool.config import bounded, nested
@@ -107,10 +107,17 @@ class SamplingConfig:
     def resolved(self) -> SamplingConfig:
         """These settings with the preset's applied (the ones generation uses)."""
         if self.preset is None:
+            if self.cfg_power and self.cfg_schedule != "power-cosine":
+                raise UserError(f"stage1.cfg_power {self.cfg_power} is only used by cfg_schedule power-cosine, "
+                                f"not {self.cfg_schedule}: set the schedule too, or leave cfg_power 0")
             return self
         if self.preset not in SAMPLING_PRESETS:
             raise UserError(f"unknown stage-1 sampling preset '{self.preset}'; choose one of "
                             f"{', '.join(SAMPLING_PRESETS)} or leave it null and set the knobs")
+        overridden = [f.name for f in fields(self) if f.name != "preset" and getattr(self, f.name) != f.default]
+        if overridden:  # the preset replaces every knob: a knob set beside it would be silently ignored
+            raise UserError(f"stage1.preset {self.preset} sets every stage-1 knob, but {', '.join(overridden)} "
+                            "is also set: leave the preset null to choose the knobs yourself, or unset them")
         return replace(SAMPLING_PRESETS[self.preset], preset=self.preset)
 
 

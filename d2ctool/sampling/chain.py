@@ -121,6 +121,8 @@ def _check_stage1_fits_vq(stage1, path: str, vq, vq_path: str | None, grid: int 
 def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.device) -> Chain:
     """Load what the mode needs and check that the pieces fit together, before any sampling."""
     mode = cfg.mode
+    if mode in ("two-stage", "discrete-only"):
+        cfg.stage1.resolved()  # the stage-1 settings can be honoured: checked before any model is loaded
     vq = kl = gpt = mar = vq_info = kl_info = norm = None
     loaded = {}
     if mode in ("two-stage", "discrete-only", "vq-reconstruction"):
@@ -234,6 +236,10 @@ def _first_images(reader: ShardReader, count: int, with_means: bool, what: str =
 def make_labels(cfg: SampleConfig, num_classes: int, chain: Chain | None = None) -> np.ndarray:
     """Class-balanced labels (image i gets class i mod C), an explicit class list cycled, or the oracle's."""
     if chain is not None and chain.oracle is not None:
+        if cfg.classes:  # the real images bring their own labels: a class list cannot be honoured
+            raise UserError(f"sample.classes is set, but mode {cfg.mode} takes its labels from the real images in "
+                            "sample.oracle_data; unset sample.classes (or use mode two-stage, discrete-only or "
+                            "continuous-only to choose classes)")
         return chain.oracle[1].numpy()
     if cfg.classes:
         bad = [c for c in cfg.classes if not 0 <= c < num_classes]
