@@ -220,9 +220,11 @@ class FolderImages(ImageSet):
     def _decode(self, path: Path, expected) -> np.ndarray:
         from PIL import Image
 
+        from d2ctool.data.transforms import to_rgb
+
         try:
             with Image.open(path) as img:
-                image = img.convert("RGB")
+                image = to_rgb(img)
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds
             raise UserError(f"{path}: cannot be decoded as an image ({type(e).__name__}: {e}); remove or replace "
                             "it") from None
