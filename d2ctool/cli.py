@@ -335,17 +335,34 @@ def results(
 
 
 def main() -> None:
+    from d2ctool.distributed import peer_failure, rank_and_world, report_failure
+
     try:
         app()
     except UserError as e:
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
-        sys.exit(2)
+        _fail(one_line(str(e)), 2)
     except OSError as e:  # a full disk, a read-only or vanished folder: the user's to fix, not a bug
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
-        sys.exit(1)
+        _fail(describe_os_error(e), 1)
+    except Exception as e:  # under torchrun: a collective broken because another rank stopped on its error
+        message = peer_failure(e) if isinstance(e, RuntimeError) else None
+        if message is None:
+            report_failure(f"rank {rank_and_world()[0]} stopped on an unexpected error ({type(e).__name__}); "
+                           "see its traceback")
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
         sys.exit(130)
+
+
+def _fail(message: str, code: int) -> None:
+    """The one-line error; under torchrun also left for the other ranks, which then end with the same line."""
+    from d2ctool.distributed import report_failure
+
+    report_failure(message)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
