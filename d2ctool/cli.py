@@ -192,7 +192,8 @@ def plan(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file to check.")],
     set_: SetOption = None,
     check_paths: Annotated[bool, typer.Option("--check-paths", help="Fail when an input file the recipe names "
-                                                                    "(tokenizer or init checkpoint) does not exist.")] = False,
+                                                                    "(tokenizer or init checkpoint) is missing, empty "
+                                                                    "or does not load as its setting needs.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
 ):
     """Check a recipe and estimate its cost per stage (parameters, FLOPs, steps, memory, GPU-hours) without data."""

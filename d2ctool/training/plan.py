@@ -18,7 +18,8 @@ tokenizer presets and `plan.num_classes` instead of an encode manifest. Per trai
 It fails (UserError) on what cannot work: tokenizer grids that differ or do not divide the resolution,
 an official `init` checkpoint whose vocabulary or grid differs from the tokenizers', a global batch that
 does not divide over ranks × accumulation, unset data/checkpoint paths, and (with `check_paths`) input
-files that do not exist.
+files that do not exist, are empty, or do not load as their setting needs (an init checkpoint: into the
+model this recipe builds for its data).
 """
 
 from __future__ import annotations
