@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import re
 import stat
@@ -28,6 +27,7 @@ from pathlib import Path
 from d2ctool.data import synthetic
 from d2ctool.data.config import PrepareConfig
 from d2ctool.errors import UserError
+from d2ctool.io import read_json_object
 
 SYNTHETIC = "synthetic"
 
@@ -145,10 +145,9 @@ def _class_order(names: set[str], classes_file: str | None) -> list[str]:
         raise UserError(f"classes file not found: {path} (prepare.classes: a text file with one class name "
                         "per line, or the manifest.json of another prepare output)")
     if path.suffix == ".json":
-        try:
-            order = json.loads(path.read_text())["classes"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path}: not a prepare manifest (no 'classes' list)") from None
+        order = read_json_object(path, "give a prepare manifest.json or a text file of class names").get("classes")
+        if not isinstance(order, list) or not all(isinstance(name, str) for name in order):
+            raise UserError(f"{path}: not a prepare manifest (no 'classes' list of names)")
     else:
         order = [line.strip() for line in _read_text(path).splitlines() if line.strip() and not line.startswith("#")]
     if len(set(order)) != len(order):
