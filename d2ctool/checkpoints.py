@@ -67,7 +67,7 @@ def load_file(path: str | Path) -> dict:
     return obj
 
 
-def check_state_dict(state_dict, source: str | Path, what: str = "state dict") -> dict:
+def check_state_dict(state_dict, source: str | Path, what: str = "state dict", finite: bool = True) -> dict:
     """A state dict as loading needs it: text keys, tensor values, no NaN or infinite weights (a model with them
     runs, and writes black images or NaN metrics). Anything else is a UserError naming the file."""
     if not isinstance(state_dict, dict) or not state_dict:
@@ -81,7 +81,7 @@ def check_state_dict(state_dict, source: str | Path, what: str = "state dict") -
     if odd_values:
         raise UserError(f"{source}: its {what} has {len(odd_values)} entr(y/ies) that are not tensors: "
                         f"{listing(odd_values)}; is it a checkpoint of this kind?")
-    non_finite = [k for k, v in state_dict.items() if count_non_finite(v)]
+    non_finite = [k for k, v in state_dict.items() if finite and count_non_finite(v)]
     if non_finite:
         raise UserError(f"{source}: {len(non_finite)} tensor(s) of its {what} hold NaN or infinite values: "
                         f"{listing(non_finite)}; the file is damaged or was saved from a diverged run: use an "
@@ -89,12 +89,12 @@ def check_state_dict(state_dict, source: str | Path, what: str = "state dict") -
     return state_dict
 
 
-def state_dict_entry(obj: dict, key: str, source: str | Path, remedy: str = "") -> dict:
-    """`obj[key]` of a checkpoint container, checked to be a state dict (missing or wrong: a UserError)."""
+def state_dict_entry(obj: dict, key: str, source: str | Path, finite: bool = False) -> dict:
+    """`obj[key]` of a checkpoint container, checked to be a state dict (missing or wrong: a UserError); its
+    values are checked for finiteness where they are loaded (`load_strict`), or here with `finite`."""
     if key not in obj:
-        raise UserError(f"{source}: the checkpoint has no '{key}' entry (found: {listing(sorted(map(str, obj)), 8)})"
-                        + (f"; {remedy}" if remedy else ""))
-    return check_state_dict(obj[key], source, f"'{key}' entry")
+        raise UserError(f"{source}: the checkpoint has no '{key}' entry (found: {listing(sorted(map(str, obj)), 8)})")
+    return check_state_dict(obj[key], source, f"'{key}' entry", finite)
 
 
 def weights_entry(obj: dict, use_ema: bool, ema_key: str = "ema", raw_key: str = "model") -> str:
@@ -132,9 +132,9 @@ def unwrap(obj: dict, prefer: tuple[str, ...], path: str | Path) -> tuple[dict, 
     """The state dict inside a container: the first of `prefer` present, else a raw state dict."""
     for key in prefer:
         if isinstance(obj.get(key), dict):
-            return strip_wrappers(check_state_dict(obj[key], path, f"'{key}' entry")), key
+            return strip_wrappers(check_state_dict(obj[key], path, f"'{key}' entry", finite=False)), key
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return strip_wrappers(check_state_dict(obj, path)), "(raw state dict)"
+        return strip_wrappers(check_state_dict(obj, path, finite=False)), "(raw state dict)"
     raise UserError(f"{path}: no state dict found; expected one of the keys {', '.join(prefer)} "
                     f"(found: {listing(sorted(map(str, obj)), 8)})")
 

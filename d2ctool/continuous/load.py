@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from d2ctool.checkpoints import (LoadedWeights, listing, load_file, load_strict, mapping_entry, refuse_other_format,
-                                  state_dict_entry, unwrap, weights_entry)
+from d2ctool.checkpoints import (LoadedWeights, check_state_dict, listing, load_file, load_strict, mapping_entry,
+                                  refuse_other_format, state_dict_entry, unwrap, weights_entry)
 from d2ctool.config import ConfigError, build
 from d2ctool.continuous.config import MARConfig
 from d2ctool.continuous.model import MAR
@@ -122,6 +122,7 @@ def init_from_checkpoint(model: MAR, checkpoint: str | Path) -> list[str]:
     obj = load_file(checkpoint)
     refuse_other_format(obj, (OWN_FORMAT, CHECKPOINT_FORMAT), checkpoint, "a MAR model to initialise from")
     state_dict, _ = _weights(obj, checkpoint)
+    check_state_dict(state_dict, checkpoint)  # finite weights: this load is not strict, so not via load_strict
     expected = model.state_dict()
     unexpected = sorted(k for k in state_dict if k not in expected)
     mismatched = [f"{k} {list(v.shape)} vs {list(expected[k].shape)}" for k, v in sorted(state_dict.items())

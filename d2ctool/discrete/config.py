@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from d2ctool.config import bounded, nested
@@ -114,10 +114,6 @@ class SamplingConfig:
         if self.preset not in SAMPLING_PRESETS:
             raise UserError(f"unknown stage-1 sampling preset '{self.preset}'; choose one of "
                             f"{', '.join(SAMPLING_PRESETS)} or leave it null and set the knobs")
-        overridden = [f.name for f in fields(self) if f.name != "preset" and getattr(self, f.name) != f.default]
-        if overridden:  # the preset replaces every knob: a knob set beside it would be silently ignored
-            raise UserError(f"stage1.preset {self.preset} sets every stage-1 knob, but {', '.join(overridden)} "
-                            "is also set: leave the preset null to choose the knobs yourself, or unset them")
         return replace(SAMPLING_PRESETS[self.preset], preset=self.preset)
 
 

@@ -149,9 +149,9 @@ def load_checkpoint(path: Path) -> dict:
     ckpt = load_file(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a d2c training checkpoint")
-    state_dict_entry(ckpt, "model", path)
+    state_dict_entry(ckpt, "model", path, finite=True)
     if ckpt.get("ema") is not None:
-        state_dict_entry(ckpt, "ema", path)
+        state_dict_entry(ckpt, "ema", path, finite=True)
     mapping_entry(ckpt, "optimizer", path)
     bad = [k for k in ("step", "epoch", "batch_in_epoch") if isinstance(ckpt.get(k), bool) or not isinstance(ckpt.get(k), int)]
     if bad or not isinstance(ckpt.get("rng"), list):

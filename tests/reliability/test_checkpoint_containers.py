@@ -170,3 +170,15 @@ def test_the_good_files_still_load(files):
     for kind in ("vq", "mar", "gpt"):
         load(kind, files / f"{kind}.pt")
     assert dataclasses.is_dataclass(load("gpt", files / "gpt.pt")[0].cfg)
+
+
+def test_init_and_resume_refuse_non_finite_weights(files, tmp_path):
+    mar = build_mar(preset_config("mar-tiny"))
+    bad = rewrite(files / "mar.pt", tmp_path / "bad.pt",
+                  lambda o: o["model"][first_float(o["model"])].view(-1).__setitem__(0, float("inf")))
+    with pytest.raises(UserError, match="NaN or infinite"):
+        init_from_checkpoint(mar, bad)
+    bad = rewrite(files / "gpt.pt", tmp_path / "last.pt",
+                  lambda o: o["model"][first_float(o["model"])].view(-1).__setitem__(0, float("nan")))
+    with pytest.raises(UserError, match="NaN or infinite"):
+        load_checkpoint(bad)

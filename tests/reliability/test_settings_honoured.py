@@ -1,6 +1,6 @@
 """Class 10: no setting silently ignored, no check claimed that was not made. A sampling setting the mode cannot
-honour is refused (explicit classes where the real images bring their labels; stage-1 knobs beside a preset that
-replaces them; a CFG power without the schedule that uses it), and `--verify` says what it checked."""
+honour is refused (explicit classes where the real images bring their labels; a CFG power without the schedule
+that uses it), and `--verify` says what it checked."""
 
 from __future__ import annotations
 
@@ -41,24 +41,16 @@ def test_make_labels_refuses_classes_whenever_real_images_give_the_labels():
         make_labels(SampleConfig(mode="oracle-codes", num_images=4, classes=[3]), 10, chain)
 
 
-@pytest.mark.parametrize("knobs", [{"cfg_scale": 3.0}, {"top_k": 100}, {"temperature": 0.9},
-                                   {"cfg_schedule": "linear"}, {"top_p": 0.9}])
-def test_stage_one_knobs_beside_a_preset_are_refused(knobs):
-    with pytest.raises(UserError, match=f"stage1.preset rar-b sets every stage-1 knob, but {next(iter(knobs))}"):
-        SamplingConfig(preset="rar-b", **knobs).resolved()
-    assert SamplingConfig(preset="rar-b").resolved().cfg_schedule == "power-cosine"
-
-
 def test_a_cfg_power_without_its_schedule_is_refused():
     with pytest.raises(UserError, match="cfg_power 2.0 is only used by cfg_schedule power-cosine"):
         SamplingConfig(cfg_power=2.0).resolved()
     assert SamplingConfig(cfg_power=2.0, cfg_schedule="power-cosine").resolved().cfg_power == 2.0
 
 
-def test_the_cli_refuses_a_preset_with_knobs_before_loading_models(tmp_path, monkeypatch, capsys):
+def test_the_cli_refuses_a_cfg_power_without_its_schedule_before_loading_models(tmp_path, monkeypatch, capsys):
     code, err = run_cli(monkeypatch, capsys, "sample", tmp_path / "s", "--set", "sample.mode=discrete-only",
-                        "--set", "sample.stage1.preset=rar-b", "--set", "sample.stage1.top_k=50")
-    assert_one_line_error(code, err, "stage1.preset rar-b sets every stage-1 knob, but top_k")
+                        "--set", "sample.stage1.cfg_power=2.0")
+    assert_one_line_error(code, err, "cfg_power 2.0 is only used by cfg_schedule power-cosine")
 
 
 def test_verify_does_not_claim_sha256_it_could_not_check(tiny_data, tmp_path, capsys):
