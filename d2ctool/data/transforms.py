@@ -15,9 +15,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         full = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
         gray = np.clip(np.round(values * (255.0 / full)), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
-    if image.mode == "F":  # float grayscale: taken as [0, 1]
-        gray = np.clip(np.round(np.nan_to_num(np.asarray(image, dtype=np.float64)) * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
     return image.convert("RGB")
 
 
