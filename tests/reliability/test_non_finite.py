@@ -321,3 +321,19 @@ def test_encode_refuses_moments_float16_cannot_hold(tiny_data, tmp_path, monkeyp
                         "encode.resolution=32")
     assert_one_line_error(code, err, "KL moments", "float16", "moments_dtype=float32")
     assert not (out / "manifest.json").exists()
+
+
+def test_inception_weights_with_nan_are_refused_before_extracting(tmp_path, monkeypatch, capsys):
+    from d2ctool.evaluation.network import random_inception
+
+    state = random_inception(0).state_dict()
+    key = next(k for k in state if k.startswith("layers.") and state[k].is_floating_point())
+    state[key].view(-1)[0] = float("nan")
+    torch.save(state, tmp_path / "inception.pt")
+    samples = _samples(tmp_path)
+    np.savez(tmp_path / "ref.npz", **_reference())
+    extracted = _no_extraction(monkeypatch)
+    code, err = run_cli(monkeypatch, capsys, "fid", samples, "--ref", tmp_path / "ref.npz",
+                        "--inception-weights", tmp_path / "inception.pt")
+    assert_one_line_error(code, err, "inception.pt", "NaN or infinite", key)
+    assert extracted == []
