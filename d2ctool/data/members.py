@@ -15,10 +15,10 @@ import threading
 
 import numpy as np
 
+from d2ctool.data.encoded import FORMAT as ENCODED_FORMAT, EncodedManifest
 from d2ctool.errors import UserError
 
 IMAGE_EXTS = ("jpg", "png", "webp", "bmp")
-ENCODED_FORMAT = "d2c-encoded-shards"
 _current = threading.local()  # the sample a reader yielded last in this thread: named by decode errors
 
 
@@ -28,13 +28,9 @@ class SampleCheck:
         self.num_classes = len(manifest["classes"])
         self.encoded = manifest.get("format") == ENCODED_FORMAT
         if self.encoded:
-            try:
-                self.codes_shape = tuple(manifest["codes"]["shape"])
-                self.moments_shape = tuple(manifest["moments"]["shape"])
-                self.codebook_size = int(manifest["tokenizers"]["vq"]["codebook_size"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise UserError(f"{root}/manifest.json: incomplete encoded-shard manifest (no {e}); "
-                                f"re-run `d2c encode` into a new folder") from None
+            record = EncodedManifest.from_dict(manifest, root)
+            self.codes_shape, self.moments_shape = record.codes_shape, record.moments_shape
+            self.codebook_size = record.codebook_size
 
     def __call__(self, shard: str, key: str, members: dict[str, bytes]) -> None:
         where = f"shard {shard}, sample {key!r}"

@@ -17,16 +17,16 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+from d2ctool.data import encoded
 from d2ctool.errors import UserError
 from d2ctool.io import read_json_object
+from d2ctool.runstate import MANIFEST
 
-MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
-RESOLVED_CONFIG = "config.yaml"
-MADE_BY = {"d2c-image-shards": "d2c prepare", "d2c-encoded-shards": "d2c encode"}  # what to re-run
-REQUIRED = {"d2c-image-shards": ("classes", "class_counts"),  # beside `shards`: what readers of each kind use
-            "d2c-encoded-shards": ("classes", "class_counts", "grid", "codes", "moments", "tokenizers", "scale_factor",
-                                   "resolution")}
+IMAGE_FORMAT = "d2c-image-shards"
+MADE_BY = {IMAGE_FORMAT: "d2c prepare", encoded.FORMAT: encoded.MADE_BY}  # what to re-run
+REQUIRED = {IMAGE_FORMAT: ("classes", "class_counts"),  # beside `shards`: what readers of each kind use
+            encoded.FORMAT: encoded.REQUIRED}
 
 
 def _remake(manifest: dict | None, root) -> str:
@@ -137,7 +137,7 @@ def read_npy(data: bytes):
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def load_manifest(root: str | Path, kind: str = "d2c-image-shards", verify: bool = False) -> dict:
+def load_manifest(root: str | Path, kind: str = IMAGE_FORMAT, verify: bool = False) -> dict:
     """Read and check a shard folder's manifest.json and every shard's size (and sha256 with `verify`).
 
     The error says what to run when something is missing or damaged.
