@@ -73,10 +73,12 @@ def last_checkpoint_events(events):
     return window
 
 
+@pytest.mark.slow
 def test_the_event_log_shows_step_file_before_last(reference):
     last_checkpoint_events(reference[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("position", range(5))
 def test_a_kill_at_any_write_of_a_checkpoint_loses_nothing(tiny_data, reference, tmp_path, position):
     ref_out, events = reference
@@ -105,6 +107,7 @@ def test_a_kill_at_any_write_of_a_checkpoint_loses_nothing(tiny_data, reference,
     assert (out / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_metrics_of_a_run_killed_before_its_first_checkpoint_are_not_duplicated(tiny_data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

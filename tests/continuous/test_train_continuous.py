@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO, run_d2c
@@ -27,6 +28,7 @@ def run(tiny_data, out, *extra):
     return train_continuous(recipe.continuous, to_dict(recipe.continuous), recipe_yaml(recipe))
 
 
+@pytest.mark.slow
 def test_data_shapes_come_from_the_encode_manifest(tiny_data):
     recipe = load_recipe(None, overrides(tiny_data, "unused"), "continuous")
     task = ContinuousTask(recipe.continuous)
@@ -53,6 +55,7 @@ train.train_continuous(recipe.continuous, to_dict(recipe.continuous), recipe_yam
 """
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path):
     whole = run(tiny_data, tmp_path / "whole")
     assert whole.step == 8 and (tmp_path / "whole" / "grids" / "step_0000008.png").is_file()
@@ -68,6 +71,7 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path)
     assert a["model_config"]["fusion"] == "add"
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_few_samples(tiny_data, tmp_path):
     run(tiny_data, tmp_path / "run", "train.steps=40", "train.base_lr=0.02", "train.ckpt_every=40")
     losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -75,6 +79,7 @@ def test_loss_falls_on_a_few_samples(tiny_data, tmp_path):
     assert last < 0.8 * first, losses
 
 
+@pytest.mark.slow
 def test_cli_reports_missing_data_clearly(tmp_path):
     proc = run_d2c("train-continuous", "--set", f"continuous.data={tmp_path}", "--set", f"continuous.out={tmp_path / 'o'}")
     assert proc.returncode == 2 and "is not a finished shard folder" in proc.stderr

@@ -167,6 +167,7 @@ def test_each_worker_reads_only_its_own_samples_once(uneven_shards, monkeypatch)
     assert sum(size for _, _, size in all_reads) == expected
 
 
+@pytest.mark.slow
 def test_loader_benchmark_runs_and_each_byte_is_read_once(tmp_path):
     """bench/loader.py on a small set: it keeps working with the readers' checks, and its measurement holds."""
     import json
