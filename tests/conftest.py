@@ -205,8 +205,8 @@ def kill_at_write(k: int, *args, log: Path) -> list[tuple[str, str]]:
     return events
 
 
-def kill_after_step_4(events, args, log):
-    """Kill `d2c ARGS` (10 steps, checkpoints at 4 and 8, a metrics line every 2) as it logs step 8: after the
-    checkpoint of step 4, before that of step 8. `events`: an uninterrupted run's write events."""
-    step_8 = [i for i, event in enumerate(events, 1) if event == ("appended", "metrics.jsonl")][3]
-    assert kill_at_write(step_8, *args, log=log)[-1] == ("appended", "metrics.jsonl")
+def kill_at_metrics_line(n: int, events, args, log: Path) -> None:
+    """Kill the training command `d2c ARGS` as it appends its n-th metrics line. `events`: the write events of
+    the same run uninterrupted (`write_events`)."""
+    line = [i for i, event in enumerate(events, 1) if event == ("appended", "metrics.jsonl")][n - 1]
+    assert kill_at_write(line, *args, log=log)[-1] == ("appended", "metrics.jsonl")

@@ -4,7 +4,8 @@ An encoded folder is a shard folder (shards.py) of format `FORMAT`. Each sample 
 (the VQ codes [2, grid*grid] of the image and its h-flip), `moments.npy` (the KL posterior's mean then
 log-variance on channels, [2, 2C, grid, grid]) and `cls`. Its manifest records the token grid, both
 tokenizers (name, checkpoint, sha256, codebook size or latent channels) and the latent normalisation.
-`read_manifest` is the one validating reader of that manifest; `sample_codes`, `sample_moments` and
+`read_manifest` is the one validating reader of that manifest, `EncodedMembers` the check every reader
+applies to each sample (registered with the shard formats); `sample_codes`, `sample_moments` and
 `first_samples` are the readers of the samples.
 """
 
@@ -15,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from d2ctool.data.members import npy_member
+from d2ctool.data.reader import ShardReader
+from d2ctool.data.shards import ShardFormat, load_manifest, read_npy, register_format
 from d2ctool.errors import UserError
 
 FORMAT = "d2c-encoded-shards"
@@ -74,32 +78,46 @@ class EncodedManifest:
                    (2, grid * grid), (2, 2 * latent_channels, grid, grid))
 
 
+class EncodedMembers:
+    """The check of one sample's members against the manifest: integer codes of the manifest's shape inside
+    the codebook, float moments of its shape and finite (never an object array); a UserError names the member."""
+
+    def __init__(self, manifest: dict, root):
+        self.record = EncodedManifest.from_dict(manifest, root)
+
+    def __call__(self, where: str, members: dict[str, bytes]) -> None:
+        record = self.record
+        codes = npy_member(where, members, "codes.npy", "i", record.codes_shape)
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= record.codebook_size:
+            raise UserError(f"{where}, member codes.npy: code {low if low < 0 else high} outside the codebook "
+                            f"(0..{record.codebook_size - 1})")
+        moments = npy_member(where, members, "moments.npy", "f", record.moments_shape)
+        if not np.isfinite(moments).all():
+            raise UserError(f"{where}, member moments.npy: holds NaN or infinite values")
+
+
+register_format(FORMAT, ShardFormat(MADE_BY, REQUIRED, EncodedMembers))
+
+
 def read_manifest(root: str | Path, verify: bool = False) -> EncodedManifest:
     """The checked manifest of the encoded-shard folder `root` (every shard's size; sha256 with `verify`)."""
-    from d2ctool.data.shards import load_manifest
-
     return EncodedManifest.from_dict(load_manifest(root, FORMAT, verify), root)
 
 
 def sample_codes(members: dict[str, bytes], view: int) -> np.ndarray:
     """The VQ codes [grid*grid] (int64) of one view of a sample."""
-    from d2ctool.data.shards import read_npy
-
     return read_npy(members["codes.npy"])[view].astype(np.int64)
 
 
 def sample_moments(members: dict[str, bytes], view: int) -> np.ndarray:
     """The KL posterior moments [2C, grid, grid] (float32) of one view of a sample."""
-    from d2ctool.data.shards import read_npy
-
     return read_npy(members["moments.npy"])[view].astype(np.float32)
 
 
 def first_samples(root: str | Path, count: int, with_moments: bool = True):
     """(codes [N, L] int64, labels [N] int64, moments [N, 2C, h, w] float32 or None) of the first
     `count` samples (or all, if fewer) of an encoded folder, original view, in shard order."""
-    from d2ctool.data.reader import ShardReader
-
     codes, labels, moments = [], [], []
     if count > 0:
         for _, members in ShardReader(root, 0, 1, manifest_kind=FORMAT).raw():

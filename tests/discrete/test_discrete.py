@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import REPO, kill_after_step_4, perturbed, read_manifest, write_events
+from conftest import REPO, kill_at_metrics_line, perturbed, read_manifest, write_events
 from d2ctool.discrete.config import GPTConfig, SamplingConfig, preset
 from d2ctool.discrete.generate import filter_logits, generate
 from d2ctool.discrete.load import data_config, load_stage1
@@ -155,7 +155,8 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path)
     whole, events = write_events(lambda: run_discrete(discrete_recipe(tiny_data, tmp_path / "whole")),
                                  tmp_path / "whole.log")
     assert whole.step == 10 and whole.resumed_from == 0
-    kill_after_step_4(events, discrete_args(tiny_data, tmp_path / "killed"), tmp_path / "killed.log")
+    # the 4th line is step 8's (a line every 2 steps): after the checkpoint of step 4, before that of step 8
+    kill_at_metrics_line(4, events, discrete_args(tiny_data, tmp_path / "killed"), tmp_path / "killed.log")
     resumed = run_discrete(discrete_recipe(tiny_data, tmp_path / "killed"))
     assert resumed.resumed_from == 4 and resumed.step == 10
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import kill_after_step_4, perturbed, read_manifest, sample_overrides, write_events
+from conftest import kill_at_metrics_line, perturbed, read_manifest, sample_overrides, write_events
 from d2ctool.config import to_dict
 from d2ctool.discrete.config import SAMPLING_PRESETS, PermutationConfig, RARConfig, SamplingConfig, preset
 from d2ctool.discrete.generate import cfg_scale_at, generate
@@ -183,7 +183,7 @@ def test_killed_and_resumed_rar_run_ends_with_identical_weights(tiny_data, tmp_p
     whole, events = write_events(lambda: run_rar(rar_recipe(tiny_data, tmp_path / "whole")), tmp_path / "whole.log")
     assert whole.step == 10
     args = ["train-discrete", *[f"--set={o}" for o in rar_recipe(tiny_data, tmp_path / "killed")]]
-    kill_after_step_4(events, args, tmp_path / "killed.log")
+    kill_at_metrics_line(4, events, args, tmp_path / "killed.log")  # step 8: after checkpoint 4, before 8
     resumed = run_rar(rar_recipe(tiny_data, tmp_path / "killed"))
     assert resumed.resumed_from == 4 and resumed.step == 10  # resumed inside the anneal window
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)

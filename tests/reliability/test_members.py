@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from d2ctool.data.encoded import FORMAT as ENCODED
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.shards import iter_tar, npy_bytes, write_tar
 from d2ctool.errors import UserError
@@ -15,7 +16,6 @@ from d2ctool.io import sha256_file
 
 from faults import assert_one_line_error, rewrite_manifest, run_cli, encoded_shards  # noqa: F401 (a fixture)
 
-ENCODED = "d2c-encoded-shards"
 
 
 def plant(folder, member: str, make) -> str:

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, sample_overrides as overrides
+from d2ctool.data.encoded import FORMAT as ENCODED
 from d2ctool.errors import UserError
 from d2ctool.recipe import load_recipe, recipe_yaml
 from d2ctool.sampling.run import sample
@@ -118,7 +119,7 @@ def _real_encoded(root, count):
     from d2ctool.data.shards import read_npy
 
     codes, moments, labels = [], [], []
-    for _, members in ShardReader(root / "encoded", 0, 1, manifest_kind="d2c-encoded-shards").raw():
+    for _, members in ShardReader(root / "encoded", 0, 1, manifest_kind=ENCODED).raw():
         codes.append(read_npy(members["codes.npy"])[0])
         moments.append(read_npy(members["moments.npy"])[0])
         labels.append(int(members["cls"]))

@@ -56,7 +56,9 @@ def test_mar_training_checkpoint_with_argparse_namespace_loads(tmp_path):
     model = small("kl")
     path = tmp_path / "kl.ckpt"
     torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1e-4), "epoch": 3}, path)
-    load_tokenizer("kl", "kl-tiny-s4", str(path))
+    loaded, info = load_tokenizer("kl", "kl-tiny-s4", str(path))
+    assert info.weights == "model"
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_arbitrary_pickles_are_refused(tmp_path):
