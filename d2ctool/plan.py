@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from d2ctool.continuous.load import PRESETS as MAR_PRESETS
+from d2ctool.continuous.config import PRESETS as MAR_PRESETS
 from d2ctool.continuous.model import MAR
 from d2ctool.continuous.train import model_config_for_data
 from d2ctool.data.encoded import EncodedManifest

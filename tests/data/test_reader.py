@@ -180,7 +180,7 @@ def test_loader_benchmark_runs_and_each_byte_is_read_once(tmp_path):
     out = tmp_path / "loader.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "loader.py"), "--samples", "256", "--shard-size", "64",
                            "--batch", "32", "--workers", "1", "2", "--out", str(out)], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = json.loads(out.read_text())["runs"]
     assert [r["workers"] for r in runs] == [1, 2]
