@@ -158,7 +158,9 @@ def _train_stage(command: str, section: str, run, recipe: Path | None, overrides
     recipe_cfg = _recipe(recipe, overrides, section)
     stage_cfg = getattr(recipe_cfg, section)
     if verify and stage_cfg.data:
-        _verify_shards(stage_cfg.data, kind="d2c-encoded-shards")
+        from d2ctool.data.encoded import read_manifest
+
+        _say_verified(stage_cfg.data, read_manifest(stage_cfg.data, verify=True).data)
     _report_training(command, run(stage_cfg, to_dict(stage_cfg), recipe_yaml(recipe_cfg)))
 
 
@@ -198,7 +200,7 @@ def plan(
 ):
     """Check a recipe and estimate its cost per stage (parameters, FLOPs, steps, memory, GPU-hours) without data."""
     from d2ctool.io import write_json
-    from d2ctool.training.plan import format_plan, plan_dict, plan_recipe
+    from d2ctool.plan import format_plan, plan_dict, plan_recipe
 
     recipe_cfg = _recipe(recipe, set_, "plan")
     result = plan_recipe(recipe_cfg, str(recipe), check_paths)
@@ -207,19 +209,24 @@ def plan(
         write_json(json_out, plan_dict(result))
 
 
-def _verify_shards(*folders, kind: str = "d2c-image-shards") -> None:
-    from d2ctool.data.shards import load_manifest, verify_shards
+def _verify_shards(*folders) -> None:
+    from d2ctool.data.shards import load_manifest
 
     for folder in folders:
         if folder is not None:
-            manifest = load_manifest(folder, kind)
-            hashed, total = verify_shards(folder, manifest), len(manifest["shards"])
-            if hashed == total:
-                print(f"verified: every shard of {folder} matches its manifest (size and sha256)")
-            else:  # say what was checked, not more
-                print(f"verified: the shards of {folder} match their manifest's sizes; {total - hashed} of {total} "
-                      "have no sha256 in the manifest, so their content could not be verified (re-create the "
-                      "folder with this d2ctool to record it)")
+            _say_verified(folder, load_manifest(folder, verify=True))
+
+
+def _say_verified(folder, manifest: dict) -> None:
+    """What --verify checked, and no more: a manifest entry without a sha256 could only be checked by size."""
+    total = len(manifest["shards"])
+    unhashed = sum("sha256" not in entry for entry in manifest["shards"])
+    if not unhashed:
+        print(f"verified: every shard of {folder} matches its manifest (size and sha256)")
+    else:
+        print(f"verified: the shards of {folder} match their manifest's sizes; {unhashed} of {total} have no sha256 "
+              "in the manifest, so their content could not be verified (re-create the folder with this d2ctool to "
+              "record it)")
 
 
 def _report_training(command: str, result) -> None:

@@ -17,7 +17,8 @@ from d2ctool.discrete.config import preset
 from d2ctool.discrete.load import build_model, data_config, load_stage1, model_record
 from d2ctool.errors import UserError
 from d2ctool.tokenizers.load import load_tokenizer
-from d2ctool.training.trainer import CHECKPOINT_FORMAT, load_checkpoint
+from d2ctool.checkpoints import CHECKPOINT_FORMAT
+from d2ctool.training.trainer import load_checkpoint
 
 
 @pytest.fixture(scope="module")
