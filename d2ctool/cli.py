@@ -160,8 +160,7 @@ def _train_stage(command: str, section: str, run, recipe: Path | None, overrides
     if verify and stage_cfg.data:
         from d2ctool.data.encoded import read_manifest
 
-        read_manifest(stage_cfg.data, verify=True)
-        print(f"verified: every shard of {stage_cfg.data} matches its manifest (count, size, sha256)")
+        _say_verified(stage_cfg.data, read_manifest(stage_cfg.data, verify=True).data)
     _report_training(command, run(stage_cfg, to_dict(stage_cfg), recipe_yaml(recipe_cfg)))
 
 
@@ -195,7 +194,8 @@ def plan(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file to check.")],
     set_: SetOption = None,
     check_paths: Annotated[bool, typer.Option("--check-paths", help="Fail when an input file the recipe names "
-                                                                    "(tokenizer or init checkpoint) does not exist.")] = False,
+                                                                    "(tokenizer or init checkpoint) is missing, empty "
+                                                                    "or does not load as its setting needs.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
 ):
     """Check a recipe and estimate its cost per stage (parameters, FLOPs, steps, memory, GPU-hours) without data."""
@@ -214,8 +214,19 @@ def _verify_shards(*folders) -> None:
 
     for folder in folders:
         if folder is not None:
-            load_manifest(folder, verify=True)
-            print(f"verified: every shard of {folder} matches its manifest (count, size, sha256)")
+            _say_verified(folder, load_manifest(folder, verify=True))
+
+
+def _say_verified(folder, manifest: dict) -> None:
+    """What --verify checked, and no more: a manifest entry without a sha256 could only be checked by size."""
+    total = len(manifest["shards"])
+    unhashed = sum("sha256" not in entry for entry in manifest["shards"])
+    if not unhashed:
+        print(f"verified: every shard of {folder} matches its manifest (size and sha256)")
+    else:
+        print(f"verified: the shards of {folder} match their manifest's sizes; {unhashed} of {total} have no sha256 "
+              "in the manifest, so their content could not be verified (re-create the folder with this d2ctool to "
+              "record it)")
 
 
 def _report_training(command: str, result) -> None:
@@ -325,22 +336,41 @@ def results(
 
     pairs = [(s.split("=", 1)[0], s.split("=", 1)[1]) if "=" in s else (Path(s).name, s) for s in systems]
     names = load_manifest(classes.parent if classes.name == "manifest.json" else classes)["classes"] if classes else None
-    write_results(out, pairs, names, title)
+    outcome = write_results(out, pairs, names, title)
     print((out / "results.md").read_text())
+    if outcome.already_complete:
+        print(f"results: {out} already holds these results; nothing to do")
 
 
 def main() -> None:
+    from d2ctool.distributed import peer_failure, rank_and_world, report_failure
+
     try:
         app()
     except UserError as e:
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
-        sys.exit(2)
+        _fail(one_line(str(e)), 2)
     except OSError as e:  # a full disk, a read-only or vanished folder: the user's to fix, not a bug
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
-        sys.exit(1)
+        _fail(describe_os_error(e), 1)
+    except Exception as e:  # under torchrun: a collective broken because another rank stopped on its error
+        message = peer_failure(e) if isinstance(e, RuntimeError) else None
+        if message is None:
+            report_failure(f"rank {rank_and_world()[0]} stopped on an unexpected error ({type(e).__name__}); "
+                           "see its traceback")
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
         sys.exit(130)
+
+
+def _fail(message: str, code: int) -> None:
+    """The one-line error; under torchrun also left for the other ranks, which then end with the same line."""
+    from d2ctool.distributed import report_failure
+
+    report_failure(message)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

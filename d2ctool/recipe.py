@@ -25,7 +25,8 @@ from d2ctool.sampling.config import SampleConfig
 from d2ctool.training.config import PlanConfig
 
 PATHS = "paths"
-_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_REFERENCE = re.compile(r"\$\{(" + _NAME.pattern + r")\}")
 
 
 @dataclass
@@ -119,7 +120,13 @@ def _paths(block, overrides: list[str], where: str | None) -> tuple[dict[str, st
                               f"block ({known})")
         paths[name] = value
     for name, value in paths.items():
-        if _REFERENCE.search(value):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ConfigError(f"{prefix}{PATHS}: the name {name!r} is not an identifier (letters, digits and _, not "
+                              "starting with a digit), so ${{...}} could not refer to it")
+        if not value.strip():
+            raise ConfigError(f"{prefix}{PATHS}.{name}: empty; give a folder (an empty one would root every path "
+                              f"using ${{{name}}} at /)")
+        if "${" in value:
             raise ConfigError(f"{prefix}{PATHS}.{name}: a path may not refer to another (${{...}}); write it out")
     return paths, rest
 
@@ -140,4 +147,10 @@ def _substitute(node, paths: dict[str, str], where: str | None, key: str = ""):
                               f"(defined: {known})")
         return paths[match.group(1)]
 
-    return _REFERENCE.sub(lookup, node)
+    substituted = _REFERENCE.sub(lookup, node)
+    rest = _REFERENCE.sub("", node)
+    if "${" in rest:  # `${}`, `${a-b}`, `${root` ...: a typo, not a literal path
+        bad = rest[rest.index("${"):][:40]
+        raise ConfigError(f"{where + ': ' if where else ''}{key}: {bad!r} is not a valid reference; write "
+                          f"${{NAME}} with NAME from the {PATHS}: block")
+    return substituted

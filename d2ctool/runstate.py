@@ -10,7 +10,6 @@ so a second run into the same folder stops at once instead of deleting the first
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -97,6 +96,8 @@ class OutputFolder:
         root = self.root
         if root.exists() and not root.is_dir():
             raise UserError(f"output {root} exists and is not a folder")
+        if (root / MANIFEST).is_file() and _read_json(root / MANIFEST).get("plan") == self.plan:
+            return True  # finished: only read, so a finished folder on a read-only mount is "nothing to do" too
         lock_output(root)
         if (root / MANIFEST).is_file():
             previous = _read_json(root / MANIFEST).get("plan")
@@ -132,8 +133,11 @@ class OutputFolder:
         path = self._record_path(index)
         if not path.is_file():
             return False
-        file = json.loads(path.read_text()).get("file")
-        return file is None or (self.root / file).is_file()
+        try:
+            file = _read_json(path).get("file")
+        except UserError:  # a damaged record: the piece is redone, never trusted
+            return False
+        return file is None or (isinstance(file, str) and (self.root / file).is_file())
 
     def write_record(self, index: int, record: dict) -> None:
         """Call before renaming the piece's file into place: file present => record present."""
@@ -145,7 +149,7 @@ class OutputFolder:
             path.unlink()
 
     def records(self, count: int) -> list[dict]:
-        return [json.loads(self._record_path(i).read_text()) for i in range(count)]
+        return [_read_json(self._record_path(i)) for i in range(count)]
 
     def finish(self, manifest: dict) -> dict:
         manifest = {**manifest, "plan": self.plan}

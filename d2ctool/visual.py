@@ -9,11 +9,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from d2ctool.checks import require_finite
 from d2ctool.io import write_bytes
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images [B, 3, H, W] in about [-1, 1] -> uint8 [B, H, W, 3] (clipped, rounded)."""
+def to_uint8(images: torch.Tensor, what: str = "decoded images") -> np.ndarray:
+    """Images [B, 3, H, W] in about [-1, 1] -> uint8 [B, H, W, 3] (clipped, rounded).
+
+    Non-finite pixels are an error naming `what`: cast to uint8 they would pass for black (or white) pixels.
+    """
+    require_finite(images, what, "a model, its weights or its latent statistics hold non-finite values, or its "
+                                 "settings make it diverge")
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

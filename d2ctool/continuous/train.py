@@ -48,7 +48,7 @@ class ContinuousTask(EncodedShardsTask):
 
     def __init__(self, cfg: ContinuousConfig):
         super().__init__(cfg, "continuous")
-        self.norm = from_manifest(self.manifest.data)
+        self.norm = from_manifest(self.manifest.data, f"{Path(cfg.data) / 'manifest.json'}")
         self._model_cfg = model_config_for_data(cfg, self.manifest)
         self.model_config = dataclasses.asdict(self._model_cfg)
         self._kl_record = self.manifest.kl

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from d2ctool.checks import check_array, require_finite
 from d2ctool.errors import UserError
 from d2ctool.evaluation.cache import FeatureCache, cache_key, make_cache
 from d2ctool.evaluation.features import Extractor, Features
 from d2ctool.evaluation.inputs import ImageSet
 from d2ctool.evaluation.metrics import StatsAccumulator
+from d2ctool.evaluation.network import NUM_FEATURES, NUM_SPATIAL_FEATURES
 from d2ctool.io import atomic_path, check_writable
 from d2ctool.progress import Progress, info
 
@@ -67,10 +69,28 @@ def save_reference(cache: FeatureCache, images: ImageSet, extractor: Extractor, 
                {"num_images": ref.num_images, "input": images.describe(), "extractor": extractor.describe()})
 
 
+def check_features(arrays: dict, meta: dict | None = None) -> None:
+    """A cached `features` entry: pool [N, 2048], spatial [N, 2023] and logits [N, *] float arrays, N alike."""
+    n = len(check_array(arrays.get("pool"), "pool", kinds="f", shape=(None, NUM_FEATURES)))
+    check_array(arrays.get("spatial"), "spatial", kinds="f", shape=(n, NUM_SPATIAL_FEATURES))
+    check_array(arrays.get("logits"), "logits", kinds="f", shape=(n, None))
+
+
+def check_reference(arrays: dict, meta: dict) -> None:
+    """A cached `reference` entry: the statistics, the kept images' features and their indices."""
+    for mean, cov, dim in (("mu", "sigma", NUM_FEATURES), ("mu_s", "sigma_s", NUM_SPATIAL_FEATURES)):
+        check_array(arrays.get(mean), mean, kinds="f", shape=(dim,))
+        check_array(arrays.get(cov), cov, kinds="f", shape=(dim, dim))
+    check_features(arrays)
+    check_array(arrays.get("kept"), "kept", kinds="iu", shape=(len(arrays["pool"]),))
+    if not isinstance(meta.get("num_images"), int) or meta["num_images"] < 2:
+        raise UserError(f"num_images {meta.get('num_images')!r} is not a count of reference images")
+
+
 def extract_features(images: ImageSet, extractor: Extractor, cache: FeatureCache, desc: str) -> tuple[Features, bool]:
     """All features of an image set, from the cache when this set was seen by this extractor. (features, cached)"""
     key = features_key(images, extractor)
-    hit = cache.load("features", key)
+    hit = cache.load("features", key, check_features)
     if hit is not None:
         arrays, _ = hit
         info(f"{desc}: features of {len(arrays['pool'])} images read from the cache ({cache.path('features', key)})")
@@ -141,7 +161,7 @@ def cached_reference(images: ImageSet, extractor: Extractor, cache: FeatureCache
                      desc: str = "reference") -> tuple[Reference, bool]:
     """compute_reference without the images, through the cache. (reference, cached)"""
     key = reference_key(images, extractor, keep, seed)
-    hit = cache.load("reference", key)
+    hit = cache.load("reference", key, check_reference)
     if hit is not None:
         a, meta = hit
         info(f"{desc}: statistics of {meta['num_images']} images read from the cache ({cache.path('reference', key)})")
@@ -155,6 +175,9 @@ def cached_reference(images: ImageSet, extractor: Extractor, cache: FeatureCache
 def write_reference_npz(path: str | Path, ref: Reference, meta: dict) -> None:
     """The ADM reference-batch layout (arr_0, mu, sigma, mu_s, sigma_s) plus d2c_meta, written atomically."""
     arrays = {"mu": ref.mu, "sigma": ref.sigma, "mu_s": ref.mu_s, "sigma_s": ref.sigma_s}
+    for name, array in arrays.items():  # a reference with NaN statistics would score every model NaN
+        require_finite(array, f"{path}: not written, its {name}", "the extractor's weights or the images gave "
+                                                                 "non-finite features")
     if ref.images is not None:
         arrays = {"arr_0": ref.images, **arrays}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

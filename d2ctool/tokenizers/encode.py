@@ -31,6 +31,7 @@ from d2ctool.data.members import SampleCheck
 from d2ctool.data.encoded import FORMAT
 from d2ctool.data.shards import iter_tar, load_manifest, npy_bytes, read_npy, read_shard, write_tar
 from d2ctool.data.transforms import adm_center_crop
+from d2ctool.checks import require_finite
 from d2ctool.errors import UserError
 from d2ctool.io import atomic_path, sha256_file
 from d2ctool.progress import Progress, info
@@ -184,8 +185,15 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
             written = []
             for start in range(0, len(samples), cfg.batch_size):
                 codes, moments = encode_images(vq, kl, np.stack(images[start:start + cfg.batch_size]), device, autocast)
-                for (key, members), c, m in zip(samples[start:start + cfg.batch_size], codes.numpy(), moments.numpy()):
-                    written.append((key, {"codes.npy": npy_bytes(c.astype(code_type)), "moments.npy": npy_bytes(m.astype(moment_type)),
+                with np.errstate(over="ignore"):  # float16 overflows to inf above 65504: checked just below
+                    moments = moments.numpy().astype(moment_type)
+                moments = require_finite(
+                    moments, f"encode: the KL moments of {shards / entry['file']} "
+                    f"(images {start}..{start + len(codes) - 1}, as {moment_type.name})",
+                    f"the KL tokenizer {kl_info.checkpoint} gives non-finite latents"
+                    + (" or values float16 cannot hold: set encode.moments_dtype=float32" if moment_type.itemsize < 4 else ""))
+                for (key, members), c, m in zip(samples[start:start + cfg.batch_size], codes.numpy(), moments):
+                    written.append((key, {"codes.npy": npy_bytes(c.astype(code_type)), "moments.npy": npy_bytes(m),
                                           "cls": members["cls"], "json": members.get("json", b"{}")}))
                 bar.advance(len(codes))
             with atomic_path(out / entry["file"]) as tmp:

@@ -37,7 +37,7 @@ from d2ctool.checkpoints import CHECKPOINT_FORMAT, load_file
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.torch_dataset import ShardDataset
 from d2ctool.errors import UserError
-from d2ctool.io import atomic_path, write_event, write_json, write_text
+from d2ctool.io import atomic_path, json_text, read_json_object, write_event, write_json, write_text
 from d2ctool.progress import Progress, info
 from d2ctool.runstate import clean_temporaries, lock_output
 from d2ctool.training.config import TrainConfig, micro_batch
@@ -136,9 +136,19 @@ def _gather(obj, world: int) -> list:
 
 
 def load_checkpoint(path: Path) -> dict:
+    from d2ctool.checkpoints import mapping_entry, state_dict_entry
+
     ckpt = load_file(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a d2c training checkpoint")
+    state_dict_entry(ckpt, "model", path, finite=True)
+    if ckpt.get("ema") is not None:
+        state_dict_entry(ckpt, "ema", path, finite=True)
+    mapping_entry(ckpt, "optimizer", path)
+    bad = [k for k in ("step", "epoch", "batch_in_epoch") if isinstance(ckpt.get(k), bool) or not isinstance(ckpt.get(k), int)]
+    if bad or not isinstance(ckpt.get("rng"), list):
+        raise UserError(f"{path}: a damaged training checkpoint ({', '.join(bad) or 'rng'} missing or of the wrong "
+                        "type); remove it to resume from the one before, or start a new run folder")
     return ckpt
 
 
@@ -214,7 +224,13 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, task = self.cfg, self.task
-        lock_output(self.run_dir)  # one writer per run folder; also proves it is writable before any work
+        try:
+            lock_output(self.run_dir)  # one writer per run folder; also proves it is writable before any work
+            unwritable = None
+        except UserError as e:
+            if not (self.run_dir / SUMMARY).is_file():
+                raise
+            unwritable = e  # a finished run on a read-only mount is still "nothing to do"; anything else fails
         rank, world, device = distributed.init(cfg.device)
         local_batch = micro_batch(cfg, world)
         autocast = device.type == "cuda" and cfg.precision == "bf16"
@@ -230,7 +246,7 @@ class Trainer:
         step = epoch = batch_in_epoch = resumed_from = 0
         torch.manual_seed(cfg.seed * 1000 + rank + 1)  # dropout etc. differ per rank
 
-        if rank == 0:
+        if rank == 0 and unwritable is None:
             clean_temporaries(self.run_dir)
             clean_temporaries(self.ckpt_dir)
         distributed.barrier()
@@ -248,16 +264,22 @@ class Trainer:
             else:
                 _set_rng_state(ckpt["rng"][rank], device)
             resumed_from = step
+            finished = self.run_dir / SUMMARY
+            if step >= cfg.steps and finished.is_file():
+                record = read_json_object(finished, f"remove it to redo the run's final export")
+                if record.get("step") == step and isinstance(record.get("summary"), dict):
+                    if rank == 0:
+                        info(f"{task.name}: {self.run_dir} already finished at step {step}; nothing to do")
+                    return TrainResult(self.run_dir, step, step, record["summary"])
+            if unwritable is not None:
+                raise unwritable
             if rank == 0 and last.name != "last.pt":  # killed between the step file and last.pt: finish that write
                 self._point_last_at(last)
-            finished = self.run_dir / SUMMARY
-            if step >= cfg.steps and finished.is_file() and json.loads(finished.read_text())["step"] == step:
-                if rank == 0:
-                    info(f"{task.name}: {self.run_dir} already finished at step {step}; nothing to do")
-                return TrainResult(self.run_dir, step, step, json.loads(finished.read_text())["summary"])
             if rank == 0:
                 info(f"{task.name}: resuming from step {step} ({last})")
                 self._trim_metrics(step)
+        elif unwritable is not None:
+            raise unwritable
         elif rank == 0:
             self._trim_metrics(0)  # lines of a run killed before its first checkpoint: logged again
         if rank == 0:
@@ -332,7 +354,7 @@ class Trainer:
                               "lr": lr_at(step - 1, cfg), "grad_norm": round(float(grad_norm), 6),
                               "samples_per_s": round(window_samples / elapsed, 2), "seconds": round(elapsed, 3)}
                     with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                        f.write(json_text(record, metrics_path, indent=None) + "\n")
                     write_event(metrics_path, "appended")
                     window_start, window_samples = time.perf_counter(), 0
                 if step % cfg.ckpt_every == 0 or step == cfg.steps:
