@@ -81,7 +81,7 @@ $(RUN)/samples/%-reconstruction/manifest.json: $(RUN)/encoded-val/manifest.json
 $(FID_REF): $(RUN)/val/manifest.json
 	$(D2C) fid-ref $(RUN)/val $@ $(R)
 $(RUN)/samples/%/metrics.json: $(RUN)/samples/%/manifest.json $(FID_REF)
-	$(D2C) fid $(RUN)/samples/$*/samples.npz --ref $(FID_REF) $(R)
+	$(D2C) fid $(RUN)/samples/$* --ref $(FID_REF) $(R)
 
 $(RUN)/results.md: $(foreach s,$(SYSTEMS),$(RUN)/samples/$(s)/metrics.json)
 	$(D2C) results $(RUN) $(foreach s,$(SYSTEMS),$(s)=$(RUN)/samples/$(s)) --classes $(RUN)/val/manifest.json \

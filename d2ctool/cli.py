@@ -24,6 +24,8 @@ app = typer.Typer(
 RecipeOption = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe YAML file (defaults apply without one).")]
 VerifyOption = Annotated[bool, typer.Option(
     "--verify", help="Check every input shard's sha256 against its manifest before training (reads them once).")]
+ForceRestartOption = Annotated[bool, typer.Option(
+    "--force-restart", help="Start OUT afresh when it was made from other inputs or settings (default: refuse).")]
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a recipe value: dotted.key=value, e.g. prepare.shard_size=500 (repeatable).")]
 
@@ -87,13 +89,14 @@ def encode(
     out: Annotated[Path, typer.Argument(help="Output folder for the encoded shards (created; resumable).")],
     recipe: RecipeOption = None,
     set_: SetOption = None,
+    force_restart: ForceRestartOption = False,
 ):
     """Encode every image (ADM center crop, and its h-flip) to VQ codes and KL posterior moments."""
     from d2ctool.recipe import recipe_yaml
     from d2ctool.tokenizers.encode import encode as run_encode
 
     recipe_cfg = _recipe(recipe, set_, "encode")
-    result = run_encode(shards, out, recipe_cfg.tokenizers, recipe_cfg.encode, recipe_yaml(recipe_cfg))
+    result = run_encode(shards, out, recipe_cfg.tokenizers, recipe_cfg.encode, recipe_yaml(recipe_cfg), force_restart)
     from d2ctool.distributed import rank_and_world
 
     if rank_and_world()[0] != 0:
@@ -169,6 +172,7 @@ def sample(
     out: Annotated[Path, typer.Argument(help="Output folder: images/, samples.npz, grid.png (created; resumable).")],
     recipe: RecipeOption = None,
     set_: SetOption = None,
+    force_restart: ForceRestartOption = False,
 ):
     """Generate images: two-stage (the method), discrete-only, continuous-only or oracle-codes."""
     from d2ctool.distributed import rank_and_world
@@ -176,7 +180,7 @@ def sample(
     from d2ctool.sampling.run import sample as run
 
     recipe_cfg = _recipe(recipe, set_, "sample")
-    result = run(recipe_cfg.sample, recipe_cfg.tokenizers, out, recipe_yaml(recipe_cfg))
+    result = run(recipe_cfg.sample, recipe_cfg.tokenizers, out, recipe_yaml(recipe_cfg), force_restart)
     if rank_and_world()[0] != 0:
         return
     if result.already_complete:

@@ -21,6 +21,7 @@ from d2ctool.continuous.sample import sample_latents
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.shards import load_manifest, read_npy
 from d2ctool.errors import UserError
+from d2ctool.identity import shard_input
 from d2ctool.progress import info
 from d2ctool.tokenizers.kl import posterior_latents
 from d2ctool.tokenizers.latent_norm import from_manifest
@@ -131,7 +132,7 @@ def train_continuous(cfg: ContinuousConfig, resolved_config: dict, resolved_yaml
         raise UserError("continuous.out is not set: give the run folder")
     task = ContinuousTask(cfg)
     resolved_config = {**resolved_config, "trained_on": trained_on(task.manifest)}
-    return Trainer(task, cfg.train, cfg.out, resolved_config, resolved_yaml).run()
+    return Trainer(task, cfg.train, cfg.out, resolved_config, resolved_yaml, {"data": shard_input(cfg.data)}).run()
 
 
 def trained_on(manifest: dict) -> dict:

@@ -25,6 +25,7 @@ from d2ctool.discrete.load import build_model, check_compatible, data_config, fa
 from d2ctool.discrete.model import code_loss
 from d2ctool.discrete.rar import RAR
 from d2ctool.errors import UserError
+from d2ctool.identity import shard_input
 from d2ctool.tokenizers.load import load_tokenizer
 from d2ctool.training.trainer import Trainer, TrainResult
 from d2ctool.visual import save_grid, to_uint8
@@ -125,4 +126,4 @@ def train_discrete(cfg: DiscreteConfig, resolved_config: dict, resolved_yaml: st
         raise UserError("discrete.out is not set: give the run folder")
     task = DiscreteTask(cfg)
     check_vq_available(task)
-    return Trainer(task, cfg.train, cfg.out, resolved_config, resolved_yaml).run()
+    return Trainer(task, cfg.train, cfg.out, resolved_config, resolved_yaml, {"data": shard_input(cfg.data)}).run()

@@ -18,10 +18,12 @@ from d2ctool.errors import UserError
 from d2ctool.evaluation import metrics as M
 from d2ctool.evaluation.cache import FeatureCache, make_cache
 from d2ctool.evaluation.features import RANDOM_LABEL, Extractor, Features, extractor_label, full_float32
-from d2ctool.evaluation.inputs import ImageSet, ReferenceNpz, is_shard_folder, load_reference_npz, open_images
+from d2ctool.evaluation.inputs import (ImageSet, ReferenceNpz, is_sample_folder, is_shard_folder, load_reference_npz,
+                                       open_images)
 from d2ctool.evaluation.reference import cached_reference, extract_features, versions
 from d2ctool.evaluation.weights import WEIGHTS_FILE
-from d2ctool.io import check_writable, sha256_file, write_json
+from d2ctool.identity import file_sha256
+from d2ctool.io import check_writable, write_json
 from d2ctool.progress import info
 
 ADM_NUM_SAMPLES = 50_000
@@ -85,7 +87,7 @@ def reference_features(ref: ReferenceNpz | ImageSet, extractor: Extractor, cfg, 
     """Statistics and precision/recall features of an opened reference (see open_reference)."""
     if isinstance(ref, ReferenceNpz):
         ref_path = ref.path
-        info_ = {"path": str(ref_path), "kind": "npz", "sha256": sha256_file(ref_path),
+        info_ = {"path": str(ref_path), "kind": "npz", "sha256": file_sha256(ref_path),
                  "d2c_meta": ref.meta is not None}
         usable, made_by = stored_stats_usable(ref.meta, extractor) if ref.has_stats else (False, "")
         pool = spatial = None
@@ -166,8 +168,11 @@ def comparability(extractor: Extractor, num_samples: int, ref_info: dict) -> lis
 
 
 def default_out(samples: str | Path) -> Path:
-    """metrics.json beside the samples (in the folder holding the sample folder or npz)."""
+    """metrics.json inside a `d2c sample` folder, else beside the samples (in the folder holding the image folder
+    or npz)."""
     samples = Path(samples)
+    if is_sample_folder(samples):
+        return samples / "metrics.json"
     return samples.resolve().parent / "metrics.json"
 
 
@@ -240,6 +245,9 @@ def run_fid(samples_path: str | Path, ref_path: str | Path, cfg, out: str | Path
                "samples": {**samples.describe(), "content_sha256": samples.content_sha256(),
                            "image_size": list(size) if size else None},
                "reference": ref.info,
+               "inputs": {"samples": {"path": str(samples.path.resolve()), "sha256": samples.content_sha256()},
+                          "reference": {"path": str(Path(ref_path).resolve()),
+                                        "sha256": ref.info.get("sha256") or ref.info.get("content_sha256")}},
                "notes": notes,
                "settings": to_dict(cfg),
                "device": str(extractor.device),

@@ -201,6 +201,7 @@ def fid_ref(src: str | Path, out: str | Path, cfg, resolved_config: str) -> FidR
 
     meta = {"format": "d2c-fid-reference", "version": FORMAT_VERSION, "extractor": extractor.describe(),
             "source": {**images.describe(), "content_sha256": images.content_sha256()},
+            "inputs": {"images": {"path": str(images.path.resolve()), "sha256": images.content_sha256()}},
             "num_images": ref.num_images, "num_kept": len(ref.kept), "kept_seed": cfg.seed,
             "settings": to_dict(cfg), "versions": versions()}
     write_reference_npz(out, ref, meta)

@@ -50,11 +50,30 @@ def training_budget(checkpoint: str | None) -> dict | None:
     return {"run": str(run_dir), "steps": records[-1]["step"], "minutes": round(seconds / 60, 2)}
 
 
+def check_scored_samples(name: str, folder: Path, metrics: dict) -> None:
+    """Refuse a row whose metrics were computed on other images than the folder holds now (e.g. re-sampled
+    after `d2c fid` ran): the numbers would belong to old samples."""
+    from d2ctool.evaluation.inputs import FolderImages, NpzImages
+    from d2ctool.identity import short
+
+    scored = metrics.get("samples") or {}
+    npz, images = folder / "samples.npz", folder / "images"
+    current = NpzImages(npz) if scored.get("kind") == "npz" and npz.is_file() else \
+        FolderImages(images) if scored.get("kind") == "folder" and images.is_dir() else None
+    if current is None or scored.get("content_sha256") != current.content_sha256():
+        now = f"{current.path} has sha256 {short(current.content_sha256())}" if current is not None else \
+            f"{folder} has no {'samples.npz' if scored.get('kind') == 'npz' else 'images/'}"
+        raise UserError(f"results: row {name}: {folder / 'metrics.json'} was computed on samples with sha256 "
+                        f"{short(scored.get('content_sha256'))} ({scored.get('path')}), but {now}; re-run "
+                        f"`d2c fid {folder} --ref REF` to score the current samples")
+
+
 def system_row(name: str, folder: str | Path) -> dict:
     """One row: the metrics, speed, sizes and training budget of one scored sample folder."""
     folder = Path(folder)
     manifest = _read_json(folder / "manifest.json", f"is {folder} a finished `d2c sample` output?")
-    metrics = _read_json(folder / "metrics.json", f"run `d2c fid {folder / 'samples.npz'} --ref REF` first")
+    metrics = _read_json(folder / "metrics.json", f"run `d2c fid {folder} --ref REF` first")
+    check_scored_samples(name, folder, metrics)
     loaded = manifest.get("loaded", {})
     return {
         "system": name, "mode": manifest.get("mode"), "folder": str(folder),

@@ -89,7 +89,14 @@ def write_grid(out: Path, labels: np.ndarray, cfg: SampleConfig) -> None:
     save_grid(out / "grid.png", np.concatenate(rows), cfg.grid_per_class, names)
 
 
-def sample(cfg: SampleConfig, tokenizers: TokenizersConfig, out: str | Path, resolved_config: str) -> SampleResult:
+def chain_inputs(chain) -> dict:
+    """The content identity of everything the chain read: models, tokenizers and real images' shards."""
+    return {name: {"path": record.get("checkpoint") or record.get("path"), "sha256": record["sha256"]}
+            for name, record in chain.loaded.items() if "sha256" in record}
+
+
+def sample(cfg: SampleConfig, tokenizers: TokenizersConfig, out: str | Path, resolved_config: str,
+           force_restart: bool = False) -> SampleResult:
     out = Path(out)
     rank, world, device = distributed.init(cfg.device)
     chain = build_chain(cfg, tokenizers, device)
@@ -97,9 +104,9 @@ def sample(cfg: SampleConfig, tokenizers: TokenizersConfig, out: str | Path, res
     settings = to_dict(cfg)
     for irrelevant in ("device", "grid_classes", "grid_per_class"):
         settings.pop(irrelevant)
-    plan = {"sample": settings, "models": {k: v.get("sha256", v.get("checkpoint")) for k, v in chain.loaded.items()},
+    plan = {"sample": settings, "inputs": chain_inputs(chain),
             "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest()}
-    folder = OutputFolder(out, "sample", plan)
+    folder = OutputFolder(out, "sample", plan, force_restart)
     complete = folder.check()
     distributed.barrier()
     if complete:

@@ -31,6 +31,7 @@ from d2ctool.data.members import SampleCheck
 from d2ctool.data.shards import iter_tar, load_manifest, npy_bytes, read_npy, read_shard, write_tar
 from d2ctool.data.transforms import adm_center_crop
 from d2ctool.errors import UserError
+from d2ctool.identity import file_input, shard_input
 from d2ctool.io import atomic_path, sha256_file
 from d2ctool.progress import Progress, info
 from d2ctool.runstate import OutputFolder
@@ -129,7 +130,7 @@ def _load_crop(data: bytes, resolution: int, where: str) -> np.ndarray:
 
 
 def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cfg: EncodeConfig,
-           resolved_config: str) -> EncodeResult:
+           resolved_config: str, force_restart: bool = False) -> EncodeResult:
     shards, out = Path(shards), Path(out)
     source = load_manifest(shards)
     check = SampleCheck(source, shards)
@@ -148,10 +149,12 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
     settings = to_dict(cfg)
     for irrelevant in ("batch_size", "loader_threads", "device"):  # do not change what is written
         settings.pop(irrelevant)
-    plan = {"source": {"path": str(shards.resolve()), "manifest_sha256": sha256_file(shards / "manifest.json")},
-            "tokenizers": {"vq": vq_info.sha256, "kl": kl_info.sha256}, "encode": settings,
-            "latent_norm": norm.record() if norm else "computed"}
-    folder = OutputFolder(out, "encode", plan)
+    inputs = {"shards": shard_input(shards), "vq": {"path": vq_info.checkpoint, "sha256": vq_info.sha256},
+              "kl": {"path": kl_info.checkpoint, "sha256": kl_info.sha256}}
+    if cfg.latent_stats:
+        inputs["latent_stats"] = file_input(cfg.latent_stats)
+    plan = {"inputs": inputs, "encode": settings, "latent_norm": norm.record() if norm else "computed"}
+    folder = OutputFolder(out, "encode", plan, force_restart)
     rank, world, device = distributed.init(cfg.device)
     complete = folder.check()
     distributed.barrier()  # every rank has looked before rank 0 writes anything
@@ -204,7 +207,7 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
             "format": FORMAT,
             "version": 1,
             "created_by": f"d2ctool {__version__}",
-            "source": plan["source"],
+            "source": {"path": inputs["shards"]["path"], "manifest_sha256": inputs["shards"]["sha256"]},
             "classes": source["classes"],
             "class_counts": source["class_counts"],
             "num_samples": sum(r["samples"] for r in records),

@@ -36,6 +36,7 @@ from d2ctool import distributed
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.torch_dataset import ShardDataset
 from d2ctool.errors import UserError
+from d2ctool.identity import check_same_inputs
 from d2ctool.io import atomic_path, write_event, write_json, write_text
 from d2ctool.progress import Progress, info
 from d2ctool.runstate import clean_temporaries, lock_output
@@ -152,8 +153,11 @@ def load_checkpoint(path: Path) -> dict:
 
 class Trainer:
     def __init__(self, task: TrainingTask, cfg: TrainConfig, run_dir: str | Path, resolved_config: dict,
-                 resolved_yaml: str):
+                 resolved_yaml: str, inputs: dict | None = None):
+        """`inputs`: the content identity of the training data ({name: {"path", "sha256"}}, see d2ctool.identity),
+        saved in every checkpoint; a resume on data whose digest changed is refused."""
         self.task, self.cfg, self.run_dir = task, cfg, Path(run_dir)
+        self.inputs = inputs or {}
         self.resolved_config, self.resolved_yaml = resolved_config, resolved_yaml
         self.ckpt_dir = self.run_dir / "checkpoints"
 
@@ -190,12 +194,16 @@ class Trainer:
         return {"format": CHECKPOINT_FORMAT, "task": self.task.name, "model": model.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
                 "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng_states,
-                "config": self.resolved_config, "model_config": getattr(self.task, "model_config", None)}
+                "config": self.resolved_config, "model_config": getattr(self.task, "model_config", None),
+                "inputs": self.inputs}
 
     def _check_resume(self, ckpt: dict) -> None:
         if ckpt.get("task") != self.task.name:
             raise UserError(f"{self.ckpt_dir} holds a checkpoint of `d2c {ckpt.get('task')}`, not `d2c {self.task.name}`; "
                             "use another run folder")
+        if "inputs" in ckpt:  # before the settings and weights: changed data is named as such
+            check_same_inputs(ckpt["inputs"], self.inputs, self.run_dir, f"d2c {self.task.name}",
+                              restart="delete its checkpoints/ folder")
         old, new = copy.deepcopy(ckpt.get("config") or {}), copy.deepcopy(self.resolved_config)
         for settings in (old, new):  # steps may grow and logistics may change; nothing else may
             settings["train"] = {k: v for k, v in settings.get("train", {}).items() if k not in RESUMABLE_CHANGES}
