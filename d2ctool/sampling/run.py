@@ -26,6 +26,7 @@ from d2ctool.progress import Progress, info
 from d2ctool.runstate import OutputFolder
 from d2ctool.sampling.chain import build_chain, generate_batch, make_labels
 from d2ctool.sampling.config import SampleConfig
+from d2ctool.stopping import StopSignals
 from d2ctool.tokenizers.config import TokenizersConfig
 from d2ctool.visual import save_grid
 
@@ -123,8 +124,11 @@ def sample(cfg: SampleConfig, tokenizers: TokenizersConfig, out: str | Path, res
     timings: dict = {}
     total = sum(min(cfg.batch_size, len(labels) - starts[k]) for k in mine)
     begin = time.perf_counter()
-    with Progress(total, "sample", unit="img", enabled=None if rank == 0 else False) as bar:
-        for k in mine:
+    with StopSignals() as stop, Progress(total, "sample", unit="img", enabled=None if rank == 0 else False) as bar:
+        for done, k in enumerate(mine):
+            if stop.requested():  # at a batch boundary: every finished batch is kept
+                raise stop.stop(f"sample kept {done} finished batch(es) of this run in {out} ({len(mine) - done} "
+                                "left on this rank); run the same command again to resume")
             start = starts[k]
             batch_labels = labels[start:start + cfg.batch_size]
             pixels = generate_batch(chain, batch_labels, start, timings)

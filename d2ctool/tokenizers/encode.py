@@ -32,6 +32,7 @@ from d2ctool.data.shards import iter_tar, load_manifest, npy_bytes, read_npy, re
 from d2ctool.data.transforms import adm_center_crop
 from d2ctool.errors import UserError
 from d2ctool.identity import file_input, shard_input
+from d2ctool.stopping import StopSignals
 from d2ctool.io import atomic_path, sha256_file
 from d2ctool.progress import Progress, info
 from d2ctool.runstate import OutputFolder
@@ -175,9 +176,12 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
     total = sum(source["shards"][i]["samples"] for i in mine)
     if world > 1:
         info(f"encode: rank {rank} of {world} encodes {len(mine)} shard(s)")
-    with Progress(total, "encode", unit="img", enabled=None if rank == 0 else False) as bar, \
+    with StopSignals() as stop, Progress(total, "encode", unit="img", enabled=None if rank == 0 else False) as bar, \
             ThreadPoolExecutor(cfg.loader_threads) as pool:
-        for index in mine:
+        for finished, index in enumerate(mine):
+            if stop.requested():  # at a shard boundary: every finished shard is kept
+                raise stop.stop(f"encode kept {finished} finished shard(s) of this run in {out} "
+                                f"({len(mine) - finished} left on this rank); run the same command again to resume")
             entry = source["shards"][index]
             samples = read_shard(shards, entry, source)  # size, sha256 and count verified on this first read
             for key, members in samples:

@@ -204,7 +204,7 @@ class TokenizerTask:
 
 
 def train_tokenizer(kind: str, data: str | Path, out: str | Path, cfg: TokenizerTrainingConfig,
-                    resolved_config: dict, resolved_yaml: str) -> TrainResult:
+                    resolved_config: dict, resolved_yaml: str, steps_given: bool = True) -> TrainResult:
     if kind not in ("vq", "kl"):
         raise UserError(f"train-tokenizer: KIND must be vq or kl, got {kind!r}")
     for what, folder in (("SHARDS", data), ("tokenizer_training.val", cfg.val)):
@@ -217,4 +217,4 @@ def train_tokenizer(kind: str, data: str | Path, out: str | Path, cfg: Tokenizer
     task.name = f"train-tokenizer-{kind}"
     inputs = {"data": shard_input(data), **({"val": shard_input(cfg.val)} if cfg.val is not None else {})}
     return Trainer(task, cfg.train, out, {"kind": kind, "data": str(data), **resolved_config}, resolved_yaml,
-                   inputs).run()
+                   inputs, steps_given).run()

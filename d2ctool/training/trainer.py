@@ -40,12 +40,14 @@ from d2ctool.identity import check_same_inputs
 from d2ctool.io import atomic_path, write_event, write_json, write_text
 from d2ctool.progress import Progress, info
 from d2ctool.runstate import clean_temporaries, lock_output
+from d2ctool.stopping import StopSignals
 from d2ctool.training.config import TrainConfig
 
 CHECKPOINT_FORMAT = "d2c-train-checkpoint"
 SUMMARY = "summary.json"  # written after the final export: its presence means the run is complete
 # train.* fields that may differ when a run is resumed (they do not change what is learned)
-RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "num_workers", "device"}
+RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "num_workers", "device", "compile",
+                     "grad_checkpointing", "keep_last", "keep_every"}
 
 
 class TrainingTask(Protocol):
@@ -153,11 +155,12 @@ def load_checkpoint(path: Path) -> dict:
 
 class Trainer:
     def __init__(self, task: TrainingTask, cfg: TrainConfig, run_dir: str | Path, resolved_config: dict,
-                 resolved_yaml: str, inputs: dict | None = None):
+                 resolved_yaml: str, inputs: dict | None = None, steps_given: bool = True):
         """`inputs`: the content identity of the training data ({name: {"path", "sha256"}}, see d2ctool.identity),
-        saved in every checkpoint; a resume on data whose digest changed is refused."""
+        saved in every checkpoint; a resume on data whose digest changed is refused. `steps_given`: train.steps
+        was given explicitly (a `--set`), which alone may move a run's target steps."""
         self.task, self.cfg, self.run_dir = task, cfg, Path(run_dir)
-        self.inputs = inputs or {}
+        self.inputs, self.steps_given = inputs or {}, steps_given
         self.resolved_config, self.resolved_yaml = resolved_config, resolved_yaml
         self.ckpt_dir = self.run_dir / "checkpoints"
 
@@ -169,6 +172,18 @@ class Trainer:
         with atomic_path(step_file) as tmp:
             torch.save(state, tmp)
         self._point_last_at(step_file)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Delete step checkpoints beyond train.keep_last newest, sparing train.keep_every multiples."""
+        keep_last, keep_every = self.cfg.keep_last, self.cfg.keep_every
+        if not keep_last:
+            return
+        steps = sorted((int(m.group(1)), p) for p in self.ckpt_dir.glob("step_*.pt")
+                       if (m := re.fullmatch(r"step_(\d+)\.pt", p.name)))
+        for number, path in steps[:-keep_last]:
+            if not (keep_every and number % keep_every == 0):
+                path.unlink(missing_ok=True)
 
     def _point_last_at(self, step_file: Path) -> None:
         with atomic_path(self.ckpt_dir / "last.pt") as tmp:
@@ -195,7 +210,7 @@ class Trainer:
                 "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
                 "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng_states,
                 "config": self.resolved_config, "model_config": getattr(self.task, "model_config", None),
-                "inputs": self.inputs}
+                "inputs": self.inputs, "target_steps": self.cfg.steps}
 
     def _check_resume(self, ckpt: dict) -> None:
         if ckpt.get("task") != self.task.name:
@@ -213,6 +228,22 @@ class Trainer:
             diff = "; ".join(differences(old, new)[:5])
             raise UserError(f"{self.run_dir} was started with different settings ({diff}); resume with the same "
                             "recipe (only train.steps may change) or use a new run folder")
+
+    def _check_target(self, ckpt: dict, rank: int) -> None:
+        """A run trains to the steps it was started with; only an explicit train.steps moves the target."""
+        target, step, wanted = ckpt.get("target_steps"), ckpt["step"], self.cfg.steps
+        if target is None or target == wanted:
+            return
+        if not self.steps_given:
+            raise UserError(f"{self.run_dir} was started for {target} steps and is at step {step}, but the recipe "
+                            f"says {wanted}: give --set train.steps={wanted} to train it to {wanted} steps, or "
+                            f"--set train.steps={target} to finish it as started")
+        if wanted < step:
+            raise UserError(f"{self.run_dir} is already at step {step}, past train.steps={wanted}; use a new run "
+                            "folder for a shorter run")
+        if rank == 0:
+            info(f"{self.task.name}: {self.run_dir} was started for {target} steps; now training it to {wanted} "
+                 f"(from step {step})")
 
     def _trim_metrics(self, step: int) -> None:
         """Drop metric lines past the checkpoint we resume from (they will be logged again)."""
@@ -255,6 +286,7 @@ class Trainer:
         if last is not None:
             ckpt = load_checkpoint(last)
             self._check_resume(ckpt)
+            self._check_target(ckpt, rank)
             model.load_state_dict(ckpt["model"])
             if ema is not None:
                 ema.load_state_dict(ckpt["ema"])
@@ -307,7 +339,8 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         last_good = resumed_from
         window_start, window_samples = time.perf_counter(), 0
-        with Progress(cfg.steps, task.name, unit="step", start=step, enabled=None if rank == 0 else False) as bar:
+        with StopSignals() as stop, \
+                Progress(cfg.steps, task.name, unit="step", start=step, enabled=None if rank == 0 else False) as bar:
             while step < cfg.steps:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, cfg)
@@ -354,13 +387,17 @@ class Trainer:
                         f.write(json.dumps(record) + "\n")
                     write_event(metrics_path, "appended")
                     window_start, window_samples = time.perf_counter(), 0
-                if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                stopping = stop.requested(world, device)  # every rank asks at the same step
+                if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
                     rngs = _gather(_rng_state(device), world)
                     if rank == 0:
                         state = self._checkpoint_state(model, ema, optimizer, step, epoch, batch_in_epoch, rngs)
                         self._save(step, state)
                     last_good = step
                     distributed.barrier()
+                if stopping:
+                    raise stop.stop(f"{task.name} saved step {step} of {cfg.steps} to "
+                                    f"{self.ckpt_dir / f'step_{step:07d}.pt'}; run the same command again to resume")
                 if rank == 0 and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps):
                     sampler = ema if (ema is not None and cfg.sample_with_ema) else model
                     task.write_grid(sampler.eval(), self.run_dir / "grids" / f"step_{step:07d}.png", device)
