@@ -21,13 +21,18 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-RecipeOption = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe YAML file (defaults apply without one).")]
+RecipeOption = Annotated[Optional[Path], typer.Option(
+    "--recipe", "-r", help="Recipe: a YAML file or a shipped recipe's name (`d2c recipes`: tiny, imagenet256/mar-b, "
+                           "...); defaults apply without one.")]
 VerifyOption = Annotated[bool, typer.Option(
     "--verify", help="Check every input shard's sha256 against its manifest before training (reads them once).")]
 ForceRestartOption = Annotated[bool, typer.Option(
     "--force-restart", help="Start OUT afresh when it was made from other inputs or settings (default: refuse).")]
-SetOption = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="Override a recipe value: dotted.key=value, e.g. prepare.shard_size=500 (repeatable).")]
+def _set_option(example: str):
+    """The --set option, its help showing a key of the command's own section."""
+    return Annotated[Optional[list[str]], typer.Option(
+        "--set", help=f"Override a recipe value: dotted.key=value, e.g. {example} (repeatable; keys of the "
+                      "command's section may drop the section name).")]
 
 
 def _version(value: bool) -> None:
@@ -64,7 +69,7 @@ def prepare(
                                             "prepare.labels set, or 'synthetic' for the built-in set.")],
     out: Annotated[Path, typer.Argument(help="Output folder for the shards (created; resumable).")],
     recipe: RecipeOption = None,
-    set_: SetOption = None,
+    set_: _set_option("prepare.shard_size=500") = None,
     workers: Annotated[Optional[int], typer.Option(help="Verification processes (default: one per CPU core).")] = None,
 ):
     """Verify every image and write shuffled webdataset shards + manifest.json + rejected.jsonl."""
@@ -90,7 +95,7 @@ def encode(
     shards: Annotated[Path, typer.Argument(help="Image shards written by `d2c prepare`.")],
     out: Annotated[Path, typer.Argument(help="Output folder for the encoded shards (created; resumable).")],
     recipe: RecipeOption = None,
-    set_: SetOption = None,
+    set_: _set_option("encode.batch_size=128") = None,
     force_restart: ForceRestartOption = False,
 ):
     """Encode every image (ADM center crop, and its h-flip) to VQ codes and KL posterior moments."""
@@ -117,7 +122,7 @@ def train_tokenizer(
     shards: Annotated[Path, typer.Argument(help="Image shards written by `d2c prepare`.")],
     out: Annotated[Path, typer.Argument(help="Run folder (created; resumable). The tokenizer is OUT/tokenizer.pt.")],
     recipe: RecipeOption = None,
-    set_: SetOption = None,
+    set_: _set_option("tokenizer_training.train.steps=2000") = None,
     verify: VerifyOption = False,
 ):
     """Train a small VQ or KL tokenizer on image shards (ImageNet users load the official ones)."""
@@ -138,7 +143,8 @@ def train_tokenizer(
 @app.command("train-discrete", epilog="Examples:\n\n  d2c train-discrete --recipe recipes/tiny.yaml\n\n"
                     "  torchrun --nproc_per_node 8 -m d2ctool train-discrete "
                     "--recipe recipes/imagenet256/llamagen-b.yaml --set discrete.train.global_batch_size=256")
-def train_discrete(recipe: RecipeOption = None, set_: SetOption = None, verify: VerifyOption = False):
+def train_discrete(recipe: RecipeOption = None, set_: _set_option("discrete.train.steps=1000") = None,
+                   verify: VerifyOption = False):
     """Train the stage-1 GPT (LlamaGen) on encoded shards (discrete.data) into a run folder (discrete.out)."""
     from d2ctool.discrete.train import train_discrete as run
 
@@ -148,7 +154,8 @@ def train_discrete(recipe: RecipeOption = None, set_: SetOption = None, verify: 
 @app.command("train-continuous", epilog="Examples:\n\n  d2c train-continuous --recipe recipes/tiny.yaml\n\n"
                     "  torchrun --nproc_per_node 8 -m d2ctool train-continuous --recipe recipes/imagenet256/d2c-b-add.yaml "
                     "--set continuous.init=/data/ckpt/mar_base.pth")
-def train_continuous(recipe: RecipeOption = None, set_: SetOption = None, verify: VerifyOption = False):
+def train_continuous(recipe: RecipeOption = None, set_: _set_option("continuous.fusion=prefix") = None,
+                     verify: VerifyOption = False):
     """Train the stage-2 masked AR model (MAR + diffusion head) conditioned on discrete codes."""
     from d2ctool.continuous.train import train_continuous as run
 
@@ -178,7 +185,7 @@ def _steps_given(overrides: list[str] | None) -> bool:
 def sample(
     out: Annotated[Path, typer.Argument(help="Output folder: images/, samples.npz, grid.png (created; resumable).")],
     recipe: RecipeOption = None,
-    set_: SetOption = None,
+    set_: _set_option("sample.num_images=1000") = None,
     force_restart: ForceRestartOption = False,
 ):
     """Generate images: two-stage (the method), discrete-only, continuous-only or oracle-codes."""
@@ -197,11 +204,13 @@ def sample(
     print(f"sample: {result.num_images} images -> {out} ({result.images_per_second:.2f} images/s on this rank; {split})")
 
 
-@app.command(epilog="Examples:\n\n  d2c plan recipes/imagenet256/mar-b.yaml\n\n"
+@app.command(epilog="Examples:\n\n  d2c plan --recipe imagenet256/mar-b\n\n"
                     "  d2c plan recipes/imagenet256/d2c-b-add.yaml --set plan.gpus=32 --set plan.gpu=a100 --check-paths")
 def plan(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file to check.")],
-    set_: SetOption = None,
+    recipe_file: Annotated[Optional[Path], typer.Argument(help="Recipe to check (or --recipe).")]
+    = None,
+    recipe: RecipeOption = None,
+    set_: _set_option("plan.gpus=32") = None,
     check_paths: Annotated[bool, typer.Option("--check-paths", help="Fail when an input file the recipe names "
                                                                     "(tokenizer or init checkpoint) does not exist.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
@@ -210,11 +219,37 @@ def plan(
     from d2ctool.io import write_json
     from d2ctool.training.plan import format_plan, plan_dict, plan_recipe
 
+    if (recipe_file is None) == (recipe is None):
+        raise UserError("plan: give the recipe once, as RECIPE or --recipe RECIPE")
+    recipe = recipe_file or recipe
     recipe_cfg = _recipe(recipe, set_, "plan")
     result = plan_recipe(recipe_cfg, str(recipe), check_paths)
     print(format_plan(result))
     if json_out is not None:
         write_json(json_out, plan_dict(result))
+
+
+@app.command("recipes", epilog="Example:\n\n  d2c recipes")
+def recipes():
+    """List the shipped recipes (give a name to --recipe from any folder)."""
+    from d2ctool.recipe import packaged_recipes, recipe_summary
+
+    shipped = packaged_recipes()
+    width = max(map(len, shipped))
+    for name, path in shipped.items():
+        print(f"{name:<{width}}  {recipe_summary(path)}")
+
+
+@app.command("config", epilog="Examples:\n\n  d2c config tiny --set discrete.train.steps=100\n\n"
+                              "  d2c config imagenet256/mar-b --set paths.checkpoints=/data/ckpt")
+def config(
+    recipe: Annotated[Path, typer.Argument(help="A recipe file or a shipped recipe's name.")],
+    set_: _set_option("discrete.train.steps=1000") = None,
+):
+    """Print the resolved recipe (file + overrides + defaults, paths substituted) without running anything."""
+    from d2ctool.recipe import load_recipe, recipe_yaml
+
+    print(recipe_yaml(load_recipe(recipe, list(set_ or []))), end="")
 
 
 def _verify_shards(*folders, kind: str = "d2c-image-shards") -> None:
@@ -270,7 +305,7 @@ def fid(
     batch_size: BatchOption = None,
     device: DeviceOption = None,
     recipe: RecipeOption = None,
-    set_: SetOption = None,
+    set_: _set_option("fid.batch_size=100") = None,
 ):
     """FID, sFID, Inception Score, precision and recall of SAMPLES against REF (the ADM evaluator's protocol)."""
     from d2ctool.evaluation.fid import format_table, run_fid
@@ -303,7 +338,7 @@ def fid_ref(
     batch_size: BatchOption = None,
     device: DeviceOption = None,
     recipe: RecipeOption = None,
-    set_: SetOption = None,
+    set_: _set_option("fid.num_ref_images=50000") = None,
 ):
     """Reference statistics (mu/sigma over all images) + reference images, in the ADM reference-batch layout."""
     from d2ctool.evaluation.reference import fid_ref as run_fid_ref
