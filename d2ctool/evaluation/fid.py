@@ -127,7 +127,8 @@ def reference_features(ref: ReferenceNpz | ImageSet, extractor: Extractor, cfg, 
 
 
 def compute_metrics(samples: Features, ref: RefFeatures, *, is_split_size: int = 5000, k: int = 3,
-                    pr_batch_size: int = 10000, device="cpu") -> dict:
+                    pr_batch_size: int = 10000, device="cpu", kid_subsets: int = 100,
+                    kid_subset_size: int = 1000) -> dict:
     """The numbers, from features alone."""
     if len(samples) < 2:
         raise UserError(f"FID needs at least 2 samples, got {len(samples)}")
@@ -141,6 +142,9 @@ def compute_metrics(samples: Features, ref: RefFeatures, *, is_split_size: int =
     else:
         out["inception_score"] = None
         out["inception_score_reason"] = "no logits: the Inception weights have no logits layer"
+    # KID needs the reference's features, not only its mu/sigma (an ADM batch has them via its images)
+    out["kid"] = M.kernel_inception_distance(samples.pool, ref.pool, kid_subsets, kid_subset_size) \
+        if ref.pool is not None and min(len(ref.pool), len(samples)) >= 2 else None
     if ref.pool is not None and len(ref.pool) > k and len(samples) > k:
         out["precision"], out["recall"] = M.precision_recall(ref.pool, samples.pool, k, pr_batch_size, device)
     else:
@@ -209,7 +213,8 @@ def run_fid(samples_path: str | Path, ref_path: str | Path, cfg, out: str | Path
     ref = reference_features(reference, extractor, cfg, cache)
     with full_float32():
         values = compute_metrics(sample_feats, ref, is_split_size=cfg.is_split_size, k=cfg.pr_k,
-                                 pr_batch_size=cfg.pr_batch_size, device=extractor.device)
+                                 pr_batch_size=cfg.pr_batch_size, device=extractor.device,
+                                 kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size)
 
     if values["inception_score"] is None and extractor.weights is not None:
         values["inception_score_reason"] = (f"no logits: {extractor.weights.logits_note}; NVIDIA's {WEIGHTS_FILE} "
@@ -264,7 +269,8 @@ def format_table(metrics: dict) -> str:
         return "n/a" if v is None else format(v, fmt)
 
     ext = metrics["extractor"]
-    rows = [("FID", num(metrics["fid"], ".4f")), ("sFID", num(metrics["sfid"], ".4f")),
+    rows = [("FID", num(metrics["fid"], ".4f")), ("KID", num(metrics.get("kid"), ".5f")),
+            ("sFID", num(metrics["sfid"], ".4f")),
             ("Inception Score", num(metrics["inception_score"], ".4f")),
             ("Precision", num(metrics["precision"], ".4f")), ("Recall", num(metrics["recall"], ".4f")),
             ("samples", str(metrics["num_samples"])),

@@ -21,7 +21,7 @@ from d2ctool.evaluation.features import extractor_label
 from d2ctool.io import write_bytes, write_json, write_text
 
 STAGES = ("stage1", "stage2")
-COLUMNS = ("FID", "sFID", "precision", "recall", "IS", "images/s", "stage-1 params", "stage-2 params",
+COLUMNS = ("FID", "KID", "sFID", "precision", "recall", "IS", "images/s", "stage-1 params", "stage-2 params",
            "stage-1 steps (min)", "stage-2 steps (min)")
 
 
@@ -77,7 +77,8 @@ def system_row(name: str, folder: str | Path) -> dict:
     loaded = manifest.get("loaded", {})
     return {
         "system": name, "mode": manifest.get("mode"), "folder": str(folder),
-        "fid": metrics.get("fid"), "sfid": metrics.get("sfid"), "precision": metrics.get("precision"),
+        "fid": metrics.get("fid"), "kid": metrics.get("kid"), "sfid": metrics.get("sfid"),
+        "precision": metrics.get("precision"),
         "recall": metrics.get("recall"), "inception_score": metrics.get("inception_score"),
         "num_samples": metrics.get("num_samples"), "images_per_second": manifest.get("images_per_second"),
         "parameters": {stage: loaded[stage].get("parameters") for stage in STAGES if stage in loaded},
@@ -108,7 +109,8 @@ def markdown_table(rows: list[dict], title: str) -> str:
              "| system | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for r in rows:
         p, t = r["parameters"], r["training"]
-        cells = [_fmt(r["fid"], ".1f"), _fmt(r["sfid"], ".1f"), _fmt(r["precision"], ".3f"), _fmt(r["recall"], ".3f"),
+        cells = [_fmt(r["fid"], ".1f"), _fmt(r.get("kid"), ".4f"), _fmt(r["sfid"], ".1f"),
+                 _fmt(r["precision"], ".3f"), _fmt(r["recall"], ".3f"),
                  _fmt(r["inception_score"], ".2f"), _fmt(r["images_per_second"], ".1f"),
                  _millions(p.get("stage1")), _millions(p.get("stage2")),
                  _budget(t.get("stage1")), _budget(t.get("stage2"))]
