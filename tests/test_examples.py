@@ -111,11 +111,9 @@ def test_example_parses_and_its_recipe_and_overrides_load(source, line):
     params = ctx.params
     if name == "results":
         return
-    recipe = params.get("recipe")
-    if recipe is not None and not isinstance(recipe, str) and not Path(REPO, recipe).is_file():
-        recipe = str(recipe)  # a packaged recipe name: load_recipe resolves it
-    elif recipe is not None:
-        recipe = REPO / recipe
+    recipe = params.get("recipe") or params.get("recipe_file")
+    if recipe is not None and (REPO / recipe).is_file():
+        recipe = REPO / recipe  # else a shipped recipe's name, which load_recipe resolves
     load_recipe(recipe, list(params.get("set_") or []), SECTIONS.get(name))
 
 
