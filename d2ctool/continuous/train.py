@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from d2ctool.continuous.config import ContinuousConfig
 from d2ctool.continuous.load import init_from_checkpoint, preset_config
@@ -57,6 +58,7 @@ class ContinuousTask:
         self.manifest = load_manifest(cfg.data, ENCODED)
         self.norm = from_manifest(self.manifest)
         self._model_cfg = model_config_for_data(cfg, self.manifest)
+        self.tokens_per_sample = self._model_cfg.seq_len
         self.model_config = dataclasses.asdict(self._model_cfg)
         self._kl_record = self.manifest["tokenizers"]["kl"]
         if not Path(self._kl_record["checkpoint"]).is_file():
@@ -87,7 +89,9 @@ class ContinuousTask:
 
     def loss(self, model, batch, device):
         latents, labels, codes = (t.to(device, non_blocking=True) for t in batch)
-        return model(latents, labels, codes if self._model_cfg.fusion != "none" else None), {}
+        loss = model(latents, labels, codes if self._model_cfg.fusion != "none" else None)
+        head = _unwrapped(model).diffloss
+        return loss, loss_by_noise_level(*head.last_terms, head.train_schedule.num_steps)
 
     def after_step(self, model, step: int) -> None:
         pass
@@ -125,6 +129,26 @@ class ContinuousTask:
 
     def finish(self, model: MAR, run_dir: Path, device: torch.device) -> dict:
         return {"grid": str(run_dir / "grids")}
+
+
+NOISE_BUCKETS = 4
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def loss_by_noise_level(t: torch.Tensor, loss: torch.Tensor, mask: torch.Tensor | None, num_steps: int) -> dict:
+    """The head's mean loss over the masked tokens in NOISE_BUCKETS equal ranges of the diffusion step t
+    (`loss_t0-249` is the least noisy quarter): which noise levels the head has not learned yet."""
+    weight = torch.ones_like(loss) if mask is None else mask.to(loss.dtype)
+    bucket = (t * NOISE_BUCKETS // num_steps).clamp(max=NOISE_BUCKETS - 1)
+    sums = torch.zeros(NOISE_BUCKETS, device=loss.device).index_add_(0, bucket, loss.float() * weight)
+    counts = torch.zeros(NOISE_BUCKETS, device=loss.device).index_add_(0, bucket, weight.float())
+    width = num_steps // NOISE_BUCKETS
+    return {f"loss_t{i * width}-{(i + 1) * width - 1}": float(sums[i] / counts[i])
+            for i in range(NOISE_BUCKETS) if counts[i] > 0}
 
 
 def train_continuous(cfg: ContinuousConfig, resolved_config: dict, resolved_yaml: str,

@@ -64,6 +64,7 @@ class DiscreteTask:
         model_cfg = model_config_for_data(cfg, self.manifest)
         cfg.sampling.resolved()  # an unknown sampling preset fails now, not at the first grid
         self.model_config = model_record(model_cfg)
+        self.tokens_per_sample = model_cfg.grid ** 2
         self._model_cfg = model_cfg
         self._vq_record = vq
         self._vq = None
@@ -89,7 +90,8 @@ class DiscreteTask:
 
     def loss(self, model, batch, device):
         codes, labels = (t.to(device, non_blocking=True) for t in batch)
-        return code_loss(model(codes, labels), codes), {}
+        logits = model(codes, labels)
+        return code_loss(logits, codes), {"token_accuracy": (logits.argmax(-1) == codes).float().mean().item()}
 
     def after_step(self, model, step: int) -> None:
         pass

@@ -34,6 +34,7 @@ class TrainConfig:
     num_workers: int = bounded(4, min=0)  # DataLoader worker processes per rank
     shuffle_buffer: int = bounded(1000, min=0)
     device: str | None = None  # default: the local GPU under torchrun, else cuda if present, else cpu
+    wandb: str | None = None  # a Weights & Biases project to log to as well (pip install "d2ctool[wandb]")
 
 
 @dataclass

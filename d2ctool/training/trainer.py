@@ -40,14 +40,15 @@ from d2ctool.identity import check_same_inputs
 from d2ctool.io import atomic_path, write_event, write_json, write_text
 from d2ctool.progress import Progress, info
 from d2ctool.runstate import clean_temporaries, lock_output
-from d2ctool.stopping import StopSignals
+from d2ctool.stopping import Stopped, StopSignals
+from d2ctool.training.tracking import Trackers, end_session, run_summary, start_session, write_loss_curve
 from d2ctool.training.config import TrainConfig
 
 CHECKPOINT_FORMAT = "d2c-train-checkpoint"
 SUMMARY = "summary.json"  # written after the final export: its presence means the run is complete
 # train.* fields that may differ when a run is resumed (they do not change what is learned)
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "num_workers", "device", "compile",
-                     "grad_checkpointing", "keep_last", "keep_every"}
+                     "grad_checkpointing", "keep_last", "keep_every", "wandb"}
 
 
 class TrainingTask(Protocol):
@@ -335,78 +336,101 @@ class Trainer:
                     yield batch
                 epoch, batch_in_epoch = epoch + 1, 0
 
-        stream = batches()
-        metrics_path = self.run_dir / "metrics.jsonl"
-        last_good = resumed_from
-        window_start, window_samples = time.perf_counter(), 0
-        with StopSignals() as stop, \
-                Progress(cfg.steps, task.name, unit="step", start=step, enabled=None if rank == 0 else False) as bar:
-            while step < cfg.steps:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, cfg)
-                if hasattr(task, "before_step"):  # optional: per-step schedules on the model (RAR's permutation)
-                    task.before_step(model, step)
-                totals: dict[str, float] = {}
-                for micro in range(cfg.grad_accum):
-                    batch = next(stream)
-                    sync = micro == cfg.grad_accum - 1 or world == 1
-                    context = train_model.no_sync() if not sync else nullcontext()
-                    with context, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        loss, parts = task.loss(train_model, batch, device)
-                    (loss / cfg.grad_accum).backward()
-                    for key, value in {"loss": loss.item(), **parts}.items():
-                        totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
-                losses = torch.tensor([totals["loss"]], device=device)
-                if world > 1:
-                    torch.distributed.all_reduce(losses)
-                    losses /= world
-                if not torch.isfinite(losses).all():
-                    raise TrainingDiverged(
-                        f"{task.name}: the loss became {losses.item()} at step {step + 1}; stopped. The last good "
-                        f"checkpoint (step {last_good}) is kept in {self.ckpt_dir}; lower train.base_lr or check "
-                        "the data, then re-run to resume from it" if last_good else
-                        f"{task.name}: the loss became {losses.item()} at step {step + 1} before any checkpoint; "
-                        "lower train.base_lr or check the data")
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    update_ema(ema, model, cfg.ema_decay)
-                task.after_step(model, step)
-                step += 1
-                window_samples += cfg.global_batch_size
-                totals["loss"] = losses.item()
-                bar.advance(1, note=f"loss {totals['loss']:.4f}")
-
-                if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-                    elapsed = time.perf_counter() - window_start
-                    record = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in totals.items()},
-                              "lr": lr_at(step - 1, cfg), "grad_norm": round(float(grad_norm), 6),
-                              "samples_per_s": round(window_samples / elapsed, 2), "seconds": round(elapsed, 3)}
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    write_event(metrics_path, "appended")
-                    window_start, window_samples = time.perf_counter(), 0
-                stopping = stop.requested(world, device)  # every rank asks at the same step
-                if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
-                    rngs = _gather(_rng_state(device), world)
-                    if rank == 0:
-                        state = self._checkpoint_state(model, ema, optimizer, step, epoch, batch_in_epoch, rngs)
-                        self._save(step, state)
-                    last_good = step
-                    distributed.barrier()
-                if stopping:
-                    raise stop.stop(f"{task.name} saved step {step} of {cfg.steps} to "
-                                    f"{self.ckpt_dir / f'step_{step:07d}.pt'}; run the same command again to resume")
-                if rank == 0 and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps):
-                    sampler = ema if (ema is not None and cfg.sample_with_ema) else model
-                    task.write_grid(sampler.eval(), self.run_dir / "grids" / f"step_{step:07d}.png", device)
-                    model.train()
-        distributed.barrier()
-        summary = {}
+        tokens_per_sample = getattr(task, "tokens_per_sample", None)
+        session = trackers = None
         if rank == 0:
-            final = ema if (ema is not None and cfg.sample_with_ema) else model
-            summary = task.finish(final.eval(), self.run_dir, device)
-            write_json(self.run_dir / SUMMARY, {"step": step, "summary": summary})  # written last: the run is done
-        distributed.barrier()
+            session = start_session(self.run_dir, device, world, resumed_from)
+            trackers = Trackers(self.run_dir, cfg.wandb, self.resolved_config, resumed_from)
+        ended = "error"
+        try:
+            stream = batches()
+            metrics_path = self.run_dir / "metrics.jsonl"
+            last_good = resumed_from
+            window_start, window_samples = time.perf_counter(), 0
+            with StopSignals() as stop, \
+                    Progress(cfg.steps, task.name, unit="step", start=step, enabled=None if rank == 0 else False) as bar:
+                while step < cfg.steps:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_at(step, cfg)
+                    if hasattr(task, "before_step"):  # optional: per-step schedules on the model (RAR's permutation)
+                        task.before_step(model, step)
+                    totals: dict[str, float] = {}
+                    for micro in range(cfg.grad_accum):
+                        batch = next(stream)
+                        sync = micro == cfg.grad_accum - 1 or world == 1
+                        context = train_model.no_sync() if not sync else nullcontext()
+                        with context, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                            loss, parts = task.loss(train_model, batch, device)
+                        (loss / cfg.grad_accum).backward()
+                        for key, value in {"loss": loss.item(), **parts}.items():
+                            totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
+                    losses = torch.tensor([totals["loss"]], device=device)
+                    if world > 1:
+                        torch.distributed.all_reduce(losses)
+                        losses /= world
+                    if not torch.isfinite(losses).all():
+                        raise TrainingDiverged(
+                            f"{task.name}: the loss became {losses.item()} at step {step + 1}; stopped. The last good "
+                            f"checkpoint (step {last_good}) is kept in {self.ckpt_dir}; lower train.base_lr or check "
+                            "the data, then re-run to resume from it" if last_good else
+                            f"{task.name}: the loss became {losses.item()} at step {step + 1} before any checkpoint; "
+                            "lower train.base_lr or check the data")
+                    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        update_ema(ema, model, cfg.ema_decay)
+                    task.after_step(model, step)
+                    step += 1
+                    window_samples += cfg.global_batch_size
+                    totals["loss"] = losses.item()
+                    bar.advance(1, note=f"loss {totals['loss']:.4f}")
+
+                    if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+                        elapsed = time.perf_counter() - window_start
+                        record = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in totals.items()},
+                                  "lr": lr_at(step - 1, cfg), "grad_norm": round(float(grad_norm), 6),
+                                  "samples_per_s": round(window_samples / elapsed, 2), "seconds": round(elapsed, 3),
+                                  "ema_decay": cfg.ema_decay}
+                        if tokens_per_sample:
+                            record["tokens_per_s"] = round(window_samples * tokens_per_sample / elapsed, 1)
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                        write_event(metrics_path, "appended")
+                        trackers.log(step, record)
+                        window_start, window_samples = time.perf_counter(), 0
+                    stopping = stop.requested(world, device)  # every rank asks at the same step
+                    if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
+                        rngs = _gather(_rng_state(device), world)
+                        if rank == 0:
+                            state = self._checkpoint_state(model, ema, optimizer, step, epoch, batch_in_epoch, rngs)
+                            self._save(step, state)
+                        last_good = step
+                        distributed.barrier()
+                    if stopping:
+                        raise stop.stop(f"{task.name} saved step {step} of {cfg.steps} to "
+                                        f"{self.ckpt_dir / f'step_{step:07d}.pt'}; run the same command again to resume")
+                    if rank == 0 and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps):
+                        sampler = ema if (ema is not None and cfg.sample_with_ema) else model
+                        info(f"{task.name}: step {step}: writing the sample grid (grids/step_{step:07d}.png)")
+                        task.write_grid(sampler.eval(), self.run_dir / "grids" / f"step_{step:07d}.png", device)
+                        model.train()
+            distributed.barrier()
+            summary = {}
+            if rank == 0:
+                final = ema if (ema is not None and cfg.sample_with_ema) else model
+                info(f"{task.name}: finishing the run (exports, final grid, loss.png)")
+                summary = task.finish(final.eval(), self.run_dir, device)
+                write_loss_curve(self.run_dir, task.name)
+                write_json(self.run_dir / SUMMARY, {"step": step, "summary": summary,  # written last: the run is done
+                                                    **run_summary(self.run_dir, step, world, session)})
+            distributed.barrier()
+            ended = "finished"
+        except Stopped as e:
+            ended = f"stopped by signal {e.exit_code - 128}"
+            raise
+        finally:
+            if rank == 0:
+                trackers.close()
+                end_session(self.run_dir, session, ended)
         return TrainResult(self.run_dir, step, resumed_from, summary)
