@@ -13,7 +13,7 @@ FUSIONS ?= add prefix qformer crossattn
 # held-out images: the reference for every FID, and the real images of the oracle and reconstruction rows
 VAL_PER_CLASS ?= 20
 
-.PHONY: install test reproduce experiment bench clean
+.PHONY: install test smoke reproduce experiment bench clean
 # every file below is a finished step's marker: never delete one as an intermediate
 .SECONDARY:
 
@@ -29,6 +29,12 @@ install: $(BIN)/d2c
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The whole chain at the smallest sizes (recipes/smoke.yaml, one fusion) into runs/smoke: checks an installation.
+smoke: install
+	@start=$$(date +%s); OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j$(JOBS) experiment \
+		RECIPE=recipes/smoke.yaml RUN=runs/smoke VAL_PER_CLASS=2 FUSIONS=add; \
+	echo "make smoke: $$(( $$(date +%s) - start )) s"
 
 # The tiny experiment end to end, then its results table. Every step is resumable and a finished one is
 # skipped: re-running `make reproduce` finishes a killed run.
