@@ -164,3 +164,17 @@ def test_fid_keeps_the_features_of_finished_batches(tiny_data, tmp_path):
     assert whole.returncode == 0
     assert json.loads((tmp_path / "whole.json").read_text())["fid"] == json.loads(
         (tmp_path / "metrics.json").read_text())["fid"]
+
+
+def test_ctrl_c_outside_a_loop_says_that_finished_work_is_kept(tmp_path):
+    """Typer turns a KeyboardInterrupt into a silent exit 130; the CLI's own handler must speak first."""
+    code = ("import sys, time, d2ctool.cli as cli\n"
+            "cli.app.command('nap')(lambda: (print('ready', flush=True), time.sleep(60)))\n"
+            "sys.argv = ['d2c', 'nap']\ncli.main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == ("interrupted: finished work is kept; run the same command "
+                                                      "again to resume")
