@@ -145,6 +145,9 @@ class OutputFolder:
         write_json(self.state / "plan.json", self.plan)
 
     def start(self, resolved_config: str) -> None:
+        from d2ctool.provenance import now
+
+        self.started = now()
         lock_output(self.root)
         self.state.mkdir(parents=True, exist_ok=True)
         clean_temporaries(self.root)  # temporaries of a killed run
@@ -176,7 +179,10 @@ class OutputFolder:
         return [json.loads(self._record_path(i).read_text()) for i in range(count)]
 
     def finish(self, manifest: dict) -> dict:
-        manifest = {**manifest, "plan": self.plan}
+        from d2ctool.provenance import now, provenance
+
+        manifest = {**manifest, "plan": self.plan,
+                    "made_by": {**provenance(), "started": getattr(self, "started", None), "finished": now()}}
         write_json(self.root / MANIFEST, manifest)
         shutil.rmtree(self.state)
         return manifest

@@ -13,57 +13,22 @@ record, loss.png.
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 from d2ctool.errors import UserError
 from d2ctool.io import write_json, write_text
+from d2ctool.provenance import devices, now, provenance
 
 RUN_RECORD = "run.json"
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def git_commit() -> str | None:
-    """The commit of the d2ctool source, with `+dirty` when it has uncommitted changes; None outside a checkout."""
-    source = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty else "")
-
-
-def environment(device) -> dict:
-    import torch
-
-    from d2ctool import __version__
-
-    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
-        if device.type == "cuda" else [platform.processor() or platform.machine()]
-    return {"d2ctool": __version__, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "devices": devices}
 
 
 def start_session(run_dir: Path, device, world: int, resumed_from: int) -> dict:
     """Append this session to RUN/run.json (rank 0 only) and return the record."""
     path = run_dir / RUN_RECORD
     record = json.loads(path.read_text()) if path.is_file() else {"sessions": []}
-    record["sessions"].append({"command": [Path(sys.argv[0]).name, *sys.argv[1:]], "cwd": os.getcwd(),
-                               "git_commit": git_commit(), **environment(device), "world_size": world,
+    record["sessions"].append({**provenance(), "devices": devices(device), "world_size": world,
                                "resumed_from_step": resumed_from, "started": now(), "ended": None})
     write_json(path, record)
     return record
