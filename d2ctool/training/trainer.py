@@ -427,7 +427,7 @@ class Trainer:
             distributed.barrier()
             ended = "finished"
         except Stopped as e:
-            ended = f"stopped by signal {e.exit_code - 128}"
+            ended = str(e).split(":")[0]  # "stopped by SIGTERM"
             raise
         finally:
             if rank == 0:
