@@ -1,4 +1,5 @@
-"""Every example of every `--help` epilog and every command in the README's code blocks, taken literally.
+"""Every example of every `--help` epilog and every command in the code blocks of README.md and docs/*.md,
+taken literally.
 
 - Every one is parsed by the real command line (a wrong option, or several values after one `--set`, fails)
   and its recipe and `--set` overrides are loaded and validated as the command would.
@@ -71,7 +72,7 @@ def readme_examples(path: Path = REPO / "README.md") -> list[tuple[str, str]]:
             for name, value in variables.items():
                 line = line.replace(f"${name}", value)
             if line.startswith(("d2c ", "torchrun ")):
-                out.append((str(path.name), line))
+                out.append((path.relative_to(REPO).as_posix(), line))
     return out
 
 
@@ -84,7 +85,8 @@ def d2c_argv(line: str) -> list[str]:
     return argv
 
 
-ALL = epilog_examples() + readme_examples()
+ALL = epilog_examples() + [e for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+                            for e in readme_examples(doc)]
 
 
 def runs_here(line: str) -> bool:
