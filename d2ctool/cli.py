@@ -48,7 +48,8 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
                                                 help="Print the version and exit.")] = False) -> None:
     """d2c: train and evaluate two-stage discrete -> continuous autoregressive image generators (D2C, DisCon).
 
-    Every command takes --recipe FILE.yaml and --set dotted.key=value overrides; see README.md.
+    Every command takes --recipe (a YAML file or a shipped recipe: d2c recipes) and --set dotted.key=value
+    overrides; see README.md and docs/.
     """
 
 
