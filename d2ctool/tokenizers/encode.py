@@ -32,10 +32,10 @@ from d2ctool.data.shards import iter_tar, load_manifest, npy_bytes, read_npy, re
 from d2ctool.data.transforms import adm_center_crop
 from d2ctool.errors import UserError
 from d2ctool.identity import file_input, shard_input
-from d2ctool.stopping import StopSignals
 from d2ctool.io import atomic_path, sha256_file
 from d2ctool.progress import Progress, info
 from d2ctool.runstate import OutputFolder
+from d2ctool.stopping import StopSignals
 from d2ctool.tokenizers.config import EncodeConfig, TokenizersConfig
 from d2ctool.tokenizers.kl import posterior_latents
 from d2ctool.tokenizers.latent_norm import LatentNorm, channel_stats, load_stats, save_stats
