@@ -22,6 +22,7 @@ from d2ctool.sampling.run import sample
 from d2ctool.tokenizers.encode import encode
 
 
+
 def sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -88,6 +89,7 @@ def _sample(root, gpt, out, force=False, *extra):
         release_output(out)  # a CLI run of the same folder follows in these tests
 
 
+@pytest.mark.slow
 def test_sample_refuses_a_stage1_model_trained_further_and_force_restart_resamples(tiny_data, tmp_path):
     """The issue's case: sample, train stage 1 on, sample again into the same folder."""
     gpt = tmp_path / "gpt"
@@ -109,6 +111,7 @@ def test_sample_refuses_a_stage1_model_trained_further_and_force_restart_resampl
     assert json.loads((out / "manifest.json").read_text())["plan"]["inputs"]["stage1"]["sha256"] == second
 
 
+@pytest.mark.slow
 def test_sample_refuses_changed_real_images(tiny_data, tmp_path):
     data = tmp_path / "encoded"
     shutil.copytree(tiny_data / "encoded", data)
@@ -124,6 +127,7 @@ def test_sample_refuses_changed_real_images(tiny_data, tmp_path):
 
 # ------------------------------------------------------------------ encode
 
+@pytest.mark.slow
 def test_encode_refuses_a_changed_tokenizer_and_restarts_when_forced(tiny_data, tmp_path):
     vq = tmp_path / "vq.pt"
     shutil.copy(tiny_data / "vq-tiny-s4.pt", vq)
@@ -148,6 +152,7 @@ def test_encode_refuses_a_changed_tokenizer_and_restarts_when_forced(tiny_data, 
 
 # ------------------------------------------------------------------ training data
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["train-discrete", "train-tokenizer"])
 def test_training_resume_on_changed_data_is_refused_naming_the_data(tiny_data, tmp_path, command):
     data = tmp_path / ("encoded" if command == "train-discrete" else "shards")
@@ -174,6 +179,7 @@ def test_training_resume_on_changed_data_is_refused_naming_the_data(tiny_data, t
 
 # ------------------------------------------------------------------ fid, fid-ref, results
 
+@pytest.mark.slow
 def test_fid_scores_the_current_samples_not_a_cached_old_set(tiny_data, tmp_path, monkeypatch):
     """Same path, size and mtime, other pixels: the features (cached by content) and the metrics follow."""
     monkeypatch.setenv("D2C_CACHE_DIR", str(tmp_path / "cache"))
@@ -195,6 +201,7 @@ def test_fid_scores_the_current_samples_not_a_cached_old_set(tiny_data, tmp_path
     assert not ref.exists()
 
 
+@pytest.mark.slow
 def test_results_refuses_a_row_whose_samples_changed_after_scoring(tiny_data, tmp_path):
     gpt = tmp_path / "gpt"
     _train_stage1(tiny_data / "encoded", gpt, 1)
@@ -210,6 +217,7 @@ def test_results_refuses_a_row_whose_samples_changed_after_scoring(tiny_data, tm
     assert sha(out / "samples.npz")[:16] in proc.stderr
 
 
+@pytest.mark.slow
 def test_fid_ref_records_the_content_of_its_source(tiny_data, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(tiny_data / "shards", shards)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 
 import yaml
 
 from conftest import REPO, run_d2c
 
+
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow
 def test_shipped_recipes_are_listed_and_resolve_from_any_folder(tmp_path):
     listed = run_d2c("recipes", cwd=tmp_path, env=ENV)
     assert listed.returncode == 0
@@ -25,6 +29,7 @@ def test_shipped_recipes_are_listed_and_resolve_from_any_folder(tmp_path):
     assert plan.returncode == 0 and "imagenet256/mar-b" in plan.stdout
 
 
+@pytest.mark.slow
 def test_unknown_recipe_and_a_plan_given_twice_are_one_line_errors(tmp_path):
     unknown = run_d2c("config", "imagenet256/mar-z", cwd=tmp_path, env=ENV)
     assert unknown.returncode == 2 and "d2c recipes" in unknown.stderr and "imagenet256/mar-b" in unknown.stderr

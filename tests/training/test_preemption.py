@@ -20,6 +20,8 @@ import pytest
 
 from conftest import REPO, run_d2c
 
+pytestmark = pytest.mark.slow  # trains, samples or runs the CLI in subprocesses
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "D2C_LOG_INTERVAL": "0", "PYTHONPATH": str(REPO)}
 
 

@@ -11,6 +11,8 @@ from PIL import Image
 
 from conftest import REPO, run_d2c
 
+pytestmark = pytest.mark.slow  # trains, samples or runs the CLI in subprocesses
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
