@@ -22,6 +22,7 @@ from d2ctool.io import TMP_SUFFIX, check_writable, read_json_object, write_json,
 MANIFEST = "manifest.json"  # written last: its presence means the folder is finished
 RESOLVED_CONFIG = "config.yaml"  # the resolved settings the folder was made with
 LOCK_FILE = ".d2c-lock"
+PROVENANCE = "provenance.json"  # command line, git commit, versions, start and end of the run that finished OUT
 _held: dict[str, int] = {}  # real path of a locked folder -> the open lock file (kept until exit or release)
 
 
@@ -182,8 +183,10 @@ class OutputFolder:
     def finish(self, manifest: dict) -> dict:
         from d2ctool.provenance import now, provenance
 
-        manifest = {**manifest, "plan": self.plan,
-                    "made_by": {**provenance(), "started": getattr(self, "started", None), "finished": now()}}
+        # what made the output, beside the manifest: the manifest itself stays a function of the inputs and settings
+        write_json(self.root / PROVENANCE, {**provenance(), "started": getattr(self, "started", None),
+                                            "finished": now()})
+        manifest = {**manifest, "plan": self.plan}
         write_json(self.root / MANIFEST, manifest)
         shutil.rmtree(self.state)
         return manifest

@@ -73,10 +73,9 @@ def test_wandb_offline_run(tiny_data, tmp_path):
     assert offline and list(offline[0].glob("run-*.wandb"))
 
 
-def test_sample_and_encode_manifests_say_what_made_them(tiny_data):
+def test_sample_and_encode_folders_say_what_made_them(tiny_data):
     import json as _json
 
-    manifest = _json.loads((tiny_data / "encoded" / "manifest.json").read_text())
-    made_by = manifest["made_by"]
+    made_by = _json.loads((tiny_data / "encoded" / "provenance.json").read_text())
     assert made_by["torch"] and made_by["d2ctool"] and made_by["started"] <= made_by["finished"]
     assert "git_commit" in made_by and isinstance(made_by["command"], list)
