@@ -42,18 +42,46 @@ class Recipe:
     plan: PlanConfig = nested(PlanConfig)
 
 
+def packaged_recipes() -> dict[str, Path]:
+    """The recipes shipped inside the package, by name ("tiny", "imagenet256/mar-b", ...)."""
+    root = Path(__file__).parent / "recipes"
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in sorted(root.rglob("*.yaml"))}
+
+
+def recipe_summary(path: Path) -> str:
+    """The first line of a recipe's opening comment."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#") and line.strip("# "):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def find_recipe(path: str | Path) -> Path:
+    """A recipe file: the path itself when it is a file, else the shipped recipe of that name (`tiny`,
+    `imagenet256/mar-b`, with or without `recipes/` and `.yaml`), so that recipes work from any folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml")
+    name = name[len("recipes/"):] if name.startswith("recipes/") else name
+    shipped = packaged_recipes()
+    if name in shipped:
+        return shipped[name]
+    raise ConfigError(f"recipe not found: {path} (neither a file nor a shipped recipe; `d2c recipes` lists "
+                      f"those: {', '.join(shipped)})")
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = (), section: str | None = None) -> Recipe:
     """Read a recipe (or the defaults when `path` is None), apply `--set` overrides, validate everything.
 
-    `section` is the running command's section: overrides may name keys relative to it.
+    `path` is a YAML file or a shipped recipe's name (see find_recipe). `section` is the running command's
+    section: overrides may name keys relative to it.
     """
     data: dict = {}
     where = None
     if path is not None:
-        path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe not found: {path} (see recipes/ for examples)")
+        path = find_recipe(path)
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError:

@@ -20,7 +20,8 @@ from d2ctool.config import ConfigError, build
 from d2ctool.continuous.config import PRESETS, MARConfig
 from d2ctool.continuous.model import MAR
 from d2ctool.errors import UserError
-from d2ctool.io import atomic_path, sha256_file
+from d2ctool.identity import file_sha256
+from d2ctool.io import atomic_path
 
 # which entry of an official container holds the weights, in order of preference
 OFFICIAL_KEYS = ("model_ema", "model", "state_dict")
@@ -102,7 +103,7 @@ def load_mar(preset: str, checkpoint: str | Path | None, overrides: dict | None 
     hint = (" (a fused model starts from a plain MAR checkpoint with init_from_checkpoint)"
             if cfg.fusion != "none" else "")
     load_strict(model, state_dict, str(checkpoint), f"the MAR model '{name}' (fusion {cfg.fusion}){hint}")
-    info = LoadedWeights(name, str(Path(checkpoint).resolve()), sha256_file(checkpoint), dataclasses.asdict(cfg), weights,
+    info = LoadedWeights(name, str(Path(checkpoint).resolve()), file_sha256(checkpoint), dataclasses.asdict(cfg), weights,
                          trained_on=trained_on)
     return model.eval(), info
 

@@ -189,3 +189,9 @@ def load_manifest(root: str | Path, kind: str = IMAGE_FORMAT, verify: bool = Fal
     if verify:
         verify_shards(root, manifest)
     return manifest
+
+
+def shard_paths(root: str | Path, kind: str = "d2c-image-shards") -> list[str]:
+    """The shard files of a checked folder, in manifest order: what `webdataset.WebDataset` takes to stream our
+    shards into a user's own pipeline (see docs/data.md, "Streaming shards into your own pipeline")."""
+    return [str(Path(root) / entry["file"]) for entry in load_manifest(root, kind)["shards"]]

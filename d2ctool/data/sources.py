@@ -3,7 +3,7 @@
 A source is scanned into a sorted list of items (relative path or synthetic index, class index) and
 the class names in index order. Scanning only lists files; decoding happens later, in parallel.
 
-Rules (also in the README):
+Rules (also in docs/data.md):
 - Class folders are the non-hidden sub-folders of the root, in sorted order: ImageNet's wnids get the
   standard indices 0..999. Files anywhere below a class folder belong to it.
 - Hidden files and folders (names starting with '.') are ignored. Symbolic links are followed, to
@@ -190,7 +190,7 @@ def scan_folder_tree(root: Path, cfg: PrepareConfig) -> Source:
 
 
 def read_labels_file(path: Path) -> dict[str, str]:
-    """Map file name (or stem) -> class name. See the README for the two accepted formats."""
+    """Map file name (or stem) -> class name. See docs/data.md for the two accepted formats."""
     if not path.is_file():
         raise UserError(f"labels file not found: {path}")
     lines = _read_text(path).splitlines()

@@ -16,6 +16,7 @@ from d2ctool.discrete.config import GPTConfig, RARConfig, StageOneConfig, preset
 from d2ctool.discrete.model import GPT
 from d2ctool.discrete.rar import POSITION_ROWS_EXTRA, RAR
 from d2ctool.errors import UserError
+from d2ctool.identity import file_sha256
 
 # LlamaGen's sampler reads "model", also a raw state dict, "module" or "state_dict"; rar_*.bin is a raw state dict
 OFFICIAL_KEYS = ("model", "module", "state_dict")
@@ -99,7 +100,8 @@ def load_stage1(path: str | Path, cfg: StageOneConfig | None = None, use_ema: bo
         model_cfg = official_rar_shape(cfg, state_dict, str(path)) if isinstance(cfg, RARConfig) else cfg
     model = build_model(model_cfg)
     load_strict(model, state_dict, str(path), f"the discrete (stage-1) {family(model_cfg).upper()} model")
-    return model.eval(), {"checkpoint": str(path), "weights": weights, "step": obj.get("step")}
+    return model.eval(), {"checkpoint": str(Path(path).resolve()), "sha256": file_sha256(path), "weights": weights,
+                          "step": obj.get("step")}
 
 
 def check_compatible(model_cfg: StageOneConfig, wanted: StageOneConfig, source: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -21,10 +20,9 @@ from d2ctool.progress import info
 
 
 def default_cache_dir() -> Path:
-    if os.environ.get("D2C_CACHE_DIR"):
-        return Path(os.environ["D2C_CACHE_DIR"]) / "fid"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "d2c" / "fid"
+    from d2ctool.identity import cache_root
+
+    return cache_root() / "fid"
 
 
 def make_cache(cfg) -> "FeatureCache":

@@ -27,6 +27,7 @@ import numpy as np
 
 from d2ctool.errors import UserError
 from d2ctool.checks import check_array
+from d2ctool.identity import file_sha256
 from d2ctool.io import read_npz, sha256_file
 from d2ctool.evaluation.network import NUM_FEATURES, NUM_SPATIAL_FEATURES
 
@@ -181,7 +182,7 @@ class NpzImages(ImageSet):
 
     def content_sha256(self) -> str:
         if not hasattr(self, "_sha"):
-            self._sha = sha256_file(self.path)
+            self._sha = file_sha256(self.path)
         return self._sha
 
 
@@ -278,8 +279,32 @@ class ShardImages(ImageSet):
         return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
 
 
+def _manifest_format(path: Path) -> str | None:
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: load_manifest names the problem
+
+
+def is_sample_folder(path: Path) -> bool:
+    """A `d2c sample` output folder (manifest.json of format d2c-samples)."""
+    from d2ctool.sampling.run import FORMAT
+
+    return path.is_dir() and (path / "manifest.json").is_file() and _manifest_format(path) == FORMAT
+
+
 def is_shard_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "manifest.json").is_file()
+    return path.is_dir() and (path / "manifest.json").is_file() and not is_sample_folder(path)
+
+
+def sample_folder_images(path: Path) -> ImageSet:
+    """A `d2c sample` folder's images: its samples.npz, or its images/ when the npz is absent."""
+    if (path / "samples.npz").is_file():
+        return NpzImages(path / "samples.npz")
+    if (path / "images").is_dir():
+        return FolderImages(path / "images")
+    raise UserError(f"{path}: a `d2c sample` folder without samples.npz or images/; re-run the `d2c sample` "
+                    "command that made it")
 
 
 def open_images(path: str | Path, *, crop: int | None = None, workers: int = 0, what: str = "images") -> ImageSet:
@@ -291,6 +316,8 @@ def open_images(path: str | Path, *, crop: int | None = None, workers: int = 0, 
         if path.suffix.lower() != ".npz":
             raise UserError(f"{path}: {what} must be an ADM-format .npz file, an image folder or a shard folder")
         return NpzImages(path)
+    if is_sample_folder(path):
+        return sample_folder_images(path)
     if is_shard_folder(path):
         return ShardImages(path, crop, workers)
     return FolderImages(path, crop, workers)

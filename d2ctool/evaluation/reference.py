@@ -25,6 +25,7 @@ from d2ctool.evaluation.metrics import StatsAccumulator
 from d2ctool.evaluation.network import NUM_FEATURES, NUM_SPATIAL_FEATURES
 from d2ctool.io import atomic_path, check_writable
 from d2ctool.progress import Progress, info
+from d2ctool.stopping import StopSignals
 
 FORMAT_VERSION = 1
 
@@ -95,13 +96,31 @@ def extract_features(images: ImageSet, extractor: Extractor, cache: FeatureCache
         arrays, _ = hit
         info(f"{desc}: features of {len(arrays['pool'])} images read from the cache ({cache.path('features', key)})")
         return Features(arrays["pool"], arrays["spatial"], arrays["logits"]), True
-    parts = []
-    with Progress(len(images), desc) as bar:
+    # the features of the first images, kept by a run that was stopped (see d2ctool/stopping.py)
+    partial = cache.load("partial", key)
+    parts = [Features(partial[0]["pool"], partial[0]["spatial"], partial[0]["logits"])] if partial else []
+    start = len(parts[0]) if parts else 0
+    if start:
+        info(f"{desc}: resuming after {start} of {len(images)} images (features kept by a stopped run)")
+    seen = 0
+    with StopSignals() as stop, Progress(len(images), desc, start=start) as bar:
         for batch in images.batches(extractor.batch_size):
+            batch, seen = batch[max(0, start - seen):], seen + len(batch)
+            if not len(batch):
+                continue
+            if stop.requested():  # at a batch boundary: keep the finished batches' features
+                done = Features.concat(parts)
+                kept = cache.save("partial", key, {"pool": done.pool, "spatial": done.spatial,
+                                                   "logits": done.logits}, {"input": images.describe()})
+                raise stop.stop(f"{desc}: features of {len(done)} of {len(images)} images "
+                                + (f"kept in {kept}; run the same command again to resume" if kept else
+                                   "computed, none kept (fid.cache is off)"))
             parts.append(extractor(batch))
             bar.advance(len(batch))
     features = Features.concat(parts)
     save_features(cache, images, extractor, features)
+    if partial and cache.path("partial", key) is not None:
+        cache.path("partial", key).unlink(missing_ok=True)
     return features, False
 
 
@@ -224,6 +243,7 @@ def fid_ref(src: str | Path, out: str | Path, cfg, resolved_config: str) -> FidR
 
     meta = {"format": "d2c-fid-reference", "version": FORMAT_VERSION, "extractor": extractor.describe(),
             "source": {**images.describe(), "content_sha256": images.content_sha256()},
+            "inputs": {"images": {"path": str(images.path.resolve()), "sha256": images.content_sha256()}},
             "num_images": ref.num_images, "num_kept": len(ref.kept), "kept_seed": cfg.seed,
             "settings": to_dict(cfg), "versions": versions()}
     write_reference_npz(out, ref, meta)

@@ -25,7 +25,7 @@ from d2ctool.io import json_text, read_json_object, read_npz, write_files
 from d2ctool.runstate import lock_output
 
 STAGES = ("stage1", "stage2")
-COLUMNS = ("FID", "sFID", "precision", "recall", "IS", "images/s", "stage-1 params", "stage-2 params",
+COLUMNS = ("FID", "KID", "sFID", "precision", "recall", "IS", "images/s", "stage-1 params", "stage-2 params",
            "stage-1 steps (min)", "stage-2 steps (min)")
 
 
@@ -85,8 +85,26 @@ def training_budget(checkpoint: str | None) -> dict | None:
     return {"run": str(run_dir), "steps": records[-1]["step"], "minutes": round(seconds / 60, 2)}
 
 
-METRICS = {"fid": (int, float), "sfid": (int, float), "precision": (int, float), "recall": (int, float),
-           "inception_score": (int, float), "num_samples": (int,)}
+METRICS = {"fid": (int, float), "kid": (int, float), "sfid": (int, float), "precision": (int, float),
+           "recall": (int, float), "inception_score": (int, float), "num_samples": (int,)}
+
+
+def check_scored_samples(name: str, folder: Path, metrics: dict) -> None:
+    """Refuse a row whose metrics were computed on other images than the folder holds now (e.g. re-sampled
+    after `d2c fid` ran): the numbers would belong to old samples."""
+    from d2ctool.evaluation.inputs import FolderImages, NpzImages
+    from d2ctool.identity import short
+
+    scored = metrics.get("samples") if isinstance(metrics.get("samples"), dict) else {}
+    npz, images = folder / "samples.npz", folder / "images"
+    current = NpzImages(npz) if scored.get("kind") == "npz" and npz.is_file() else \
+        FolderImages(images) if scored.get("kind") == "folder" and images.is_dir() else None
+    if current is None or scored.get("content_sha256") != current.content_sha256():
+        now = f"{current.path} has sha256 {short(current.content_sha256())}" if current is not None else \
+            f"{folder} has no {'samples.npz' if scored.get('kind') == 'npz' else 'images/'}"
+        raise UserError(f"results: row {name}: {folder / 'metrics.json'} was computed on samples with sha256 "
+                        f"{short(scored.get('content_sha256'))} ({scored.get('path')}), but {now}; re-run "
+                        f"`d2c fid {folder} --ref REF` to score the current samples")
 
 
 def system_row(name: str, folder: str | Path) -> dict:
@@ -96,7 +114,7 @@ def system_row(name: str, folder: str | Path) -> dict:
         raise UserError(f"system {name}: {folder} is not a folder (a `d2c sample` output scored by `d2c fid`)")
     manifest_path, metrics_path = folder / "manifest.json", folder / "metrics.json"
     manifest = _read_json(manifest_path, f"is {folder} a finished `d2c sample` output?")
-    metrics = _read_json(metrics_path, f"run `d2c fid {folder / 'samples.npz'} --ref REF` first")
+    metrics = _read_json(metrics_path, f"run `d2c fid {folder} --ref REF` first")
     from d2ctool.sampling.run import FORMAT as SAMPLES_FORMAT
 
     again = "re-run `d2c sample` into a new folder"
@@ -112,6 +130,7 @@ def system_row(name: str, folder: str | Path) -> dict:
             _field(record, "checkpoint", (str,), manifest_path, again)
     rescore = f"re-run `d2c fid` on {folder}"
     values = {key: _field(metrics, key, types, metrics_path, rescore) for key, types in METRICS.items()}
+    check_scored_samples(name, folder, metrics)
     extractor = _field(metrics, "extractor", (dict,), metrics_path, rescore) or {}
     reference = _field(metrics, "reference", (dict,), metrics_path, rescore) or {}
     return {
@@ -145,7 +164,8 @@ def markdown_table(rows: list[dict], title: str) -> str:
              "| system | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for r in rows:
         p, t = r["parameters"], r["training"]
-        cells = [_fmt(r["fid"], ".1f"), _fmt(r["sfid"], ".1f"), _fmt(r["precision"], ".3f"), _fmt(r["recall"], ".3f"),
+        cells = [_fmt(r["fid"], ".1f"), _fmt(r.get("kid"), ".4f"), _fmt(r["sfid"], ".1f"),
+                 _fmt(r["precision"], ".3f"), _fmt(r["recall"], ".3f"),
                  _fmt(r["inception_score"], ".2f"), _fmt(r["images_per_second"], ".1f"),
                  _millions(p.get("stage1")), _millions(p.get("stage2")),
                  _budget(t.get("stage1")), _budget(t.get("stage2"))]

@@ -30,6 +30,7 @@ from d2ctool.discrete.config import preset as stage1_preset
 from d2ctool.discrete.generate import generate
 from d2ctool.discrete.load import data_config, family, load_stage1
 from d2ctool.errors import UserError
+from d2ctool.identity import shard_input
 from d2ctool.sampling.config import MODES, SampleConfig
 from d2ctool.tokenizers.config import TokenizersConfig
 from d2ctool.tokenizers.kl import posterior_latents
@@ -174,7 +175,7 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
         data = _require(cfg.oracle_data, "sample.oracle_data (encoded shards of real images)", mode)
         oracle, real_latents = _real_images(data, cfg.num_images, vq_info if vq is not None else kl_info)
     if oracle is not None:
-        loaded["real_images"] = {"data": str(cfg.oracle_data), "count": len(oracle[1])}
+        loaded["real_images"] = {**shard_input(cfg.oracle_data), "data": str(cfg.oracle_data), "count": len(oracle[1])}
     if gpt is not None or mar is not None:
         num_classes = gpt.cfg.num_classes if gpt is not None else mar.cfg.num_classes
     else:  # reconstructions: the classes of the real images

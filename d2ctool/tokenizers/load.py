@@ -18,7 +18,8 @@ from d2ctool.checkpoints import (LoadedWeights, load_file, load_strict, mapping_
                                   state_dict_entry, unwrap, weights_entry)
 from d2ctool.config import ConfigError, build
 from d2ctool.errors import UserError
-from d2ctool.io import atomic_path, sha256_file
+from d2ctool.identity import file_sha256
+from d2ctool.io import atomic_path
 from d2ctool.progress import info as log
 from d2ctool.tokenizers import kl, maskgit, vq
 from d2ctool.tokenizers.kl import AutoencoderKL, KLConfig
@@ -113,6 +114,6 @@ def load_tokenizer(kind: str, preset: str, checkpoint: str | None) -> tuple[torc
         weights += f" (dropped training-only keys: {listed})"
         log(f"{checkpoint}: dropped {sum(dropped.values())} training-only key(s) of {name}: {listed}")
     load_strict(model, state_dict, str(checkpoint), f"the {kind} tokenizer '{name}'")
-    info = LoadedWeights(name, str(Path(checkpoint).resolve()), sha256_file(checkpoint), dataclasses.asdict(cfg),
+    info = LoadedWeights(name, str(Path(checkpoint).resolve()), file_sha256(checkpoint), dataclasses.asdict(cfg),
                          weights, kind)
     return model.eval(), info
