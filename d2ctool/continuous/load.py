@@ -15,7 +15,7 @@ import torch
 
 from d2ctool.checkpoints import LoadedWeights, listing, load_file, load_strict, unwrap
 from d2ctool.config import ConfigError, build
-from d2ctool.continuous.config import MARConfig
+from d2ctool.continuous.config import RETIRED_FIELDS, MARConfig
 from d2ctool.continuous.model import MAR
 from d2ctool.errors import UserError
 from d2ctool.io import atomic_path, sha256_file
@@ -23,7 +23,7 @@ from d2ctool.training.trainer import CHECKPOINT_FORMAT, run_checkpoint
 
 _TINY = dict(latent_channels=4, latent_size=8, buffer_size=4, encoder_dim=64, encoder_depth=2, encoder_heads=4,
              decoder_dim=64, decoder_depth=2, decoder_heads=4, attn_dropout=0.0, proj_dropout=0.0,
-             diffloss_depth=2, diffloss_width=128, num_sampling_steps=25, code_vocab=512, code_size=8,
+             diffloss_depth=2, diffloss_width=128, code_vocab=512, code_size=8,
              qformer_queries=8, qformer_depth=1)
 PRESETS = {
     "mar-b": MARConfig(),  # MAR mar_base: mar_base.pth
@@ -48,6 +48,8 @@ def preset_config(preset: str, overrides: dict | None = None) -> MARConfig:
 
 
 def config_from_dict(data: dict, where: str) -> MARConfig:
+    """The architecture config a checkpoint records; the sampling settings older ones kept there are dropped."""
+    data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
     try:
         return build(MARConfig, data).validate()
     except ConfigError as e:
@@ -78,7 +80,7 @@ def load_mar(preset: str, checkpoint: str | Path | None, overrides: dict | None 
              use_ema: bool = True) -> tuple[MAR, LoadedWeights]:
     """The model with its weights (CPU, eval mode) and a record of what was loaded. Our own checkpoints
     carry their config (the preset is ignored); official ones are read with the preset's architecture.
-    `overrides` change config fields that leave the state dict alone (e.g. num_sampling_steps)."""
+    `overrides` change config fields that leave the state dict alone (e.g. grad_checkpointing)."""
     if checkpoint is None:
         raise UserError(f"no MAR checkpoint given: pass MAR's mar_base/large/huge.pth (with preset mar-b/l/h) or "
                         f"a checkpoint of our own (preset given: {preset})")

@@ -24,7 +24,7 @@ import torch
 
 from d2ctool.checkpoints import LoadedWeights
 from d2ctool.continuous.load import load_mar
-from d2ctool.continuous.sample import sample_latents
+from d2ctool.continuous.sample import check_settings, sample_latents
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.shards import read_npy
 from d2ctool.discrete.config import preset as stage1_preset
@@ -139,8 +139,8 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
         _check_stage1_fits_vq(gpt.cfg, path, vq, tokenizers.vq.checkpoint, grid)
     if mode in ("two-stage", "continuous-only", "oracle-codes"):
         path = _require(cfg.continuous, "sample.continuous (a train-continuous run or MAR's mar_*.pth)", mode)
-        mar, stage2_info = load_mar(cfg.continuous_preset, path, {"num_sampling_steps": cfg.stage2.num_sampling_steps},
-                                    use_ema=cfg.use_ema)
+        mar, stage2_info = load_mar(cfg.continuous_preset, path, use_ema=cfg.use_ema)
+        check_settings(cfg.stage2, mar)
         loaded["stage2"] = stage2_info.record()
         fused = mar.cfg.fusion != "none"
         if mode == "continuous-only" and fused:
@@ -268,10 +268,8 @@ def generate_batch(chain: Chain, labels: np.ndarray, start: int, timings: dict) 
             latents = chain.real_latents[start:start + len(labels)].to(device)
         t1 = time.perf_counter()
         if chain.uses_stage2:
-            s = cfg.stage2
-            latents = sample_latents(chain.mar, y, codes if chain.mar.cfg.fusion != "none" else None,
-                                     num_iter=min(s.num_iter, chain.mar.cfg.seq_len), cfg=s.cfg_scale,
-                                     cfg_schedule=s.cfg_schedule, temperature=s.temperature, clip_x0=s.clip_x0, generator=generator)
+            latents = sample_latents(chain.mar, y, codes if chain.mar.cfg.fusion != "none" else None, cfg.stage2,
+                                     generator=generator)
         t2 = time.perf_counter()
         if chain.uses_stage2:
             images = chain.kl.decode_latents(latents, chain.latent_norm)

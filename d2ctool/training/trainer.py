@@ -45,6 +45,8 @@ CHECKPOINT_FORMAT = "d2c-train-checkpoint"
 SUMMARY = "summary.json"  # written after the final export: its presence means the run is complete
 # train.* fields that may differ when a run is resumed (they do not change what is learned)
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "num_workers", "device"}
+# sections of a stage's config that may differ too: the periodic grids' sampling settings
+RESUMABLE_SECTIONS = {"sampling"}
 
 
 class TrainingTask(Protocol):
@@ -197,8 +199,10 @@ class Trainer:
             raise UserError(f"{self.ckpt_dir} holds a checkpoint of `d2c {ckpt.get('task')}`, not `d2c {self.task.name}`; "
                             "use another run folder")
         old, new = copy.deepcopy(ckpt.get("config") or {}), copy.deepcopy(self.resolved_config)
-        for settings in (old, new):  # steps may grow and logistics may change; nothing else may
+        for settings in (old, new):  # steps may grow, logistics and grid sampling may change; nothing else may
             settings["train"] = {k: v for k, v in settings.get("train", {}).items() if k not in RESUMABLE_CHANGES}
+            for section in RESUMABLE_SECTIONS:
+                settings.pop(section, None)
         if old != new:
             from d2ctool.runstate import differences
 
