@@ -59,7 +59,8 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path)
     code = _KILL.format(overrides=overrides(tiny_data, tmp_path / "killed"))
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 9, proc.stderr[-2000:]
-    resumed = run(tiny_data, tmp_path / "killed")
+    # the grids' sampling settings are sample-time knobs: changing them does not block the resume
+    resumed = run(tiny_data, tmp_path / "killed", "sampling.num_sampling_steps=7", "sampling.sampler=dpm-solver++")
     assert resumed.resumed_from == 3
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)
