@@ -306,8 +306,10 @@ def fid_ref(
           f"{result.out} ({result.seconds:.1f} s; extractor {result.extractor['name']}, {result.extractor['mode']})")
 
 
-@app.command(epilog="Example:\n\n  d2c results runs/tiny two-stage-add=runs/tiny/samples/two-stage-add "
-                    "discrete-only=runs/tiny/samples/discrete-only --classes runs/tiny/val/manifest.json")
+@app.command(epilog="Examples:\n\n  d2c results runs/tiny two-stage-add=runs/tiny/samples/two-stage-add "
+                    "discrete-only=runs/tiny/samples/discrete-only --classes runs/tiny/val/manifest.json\n\n"
+                    "  d2c results runs/tiny two-stage-add=runs/tiny/samples/two-stage-add "
+                    "--frontier runs/tiny/sweep/two-stage-add")
 def results(
     out: Annotated[Path, typer.Argument(help="Folder for results.md, results.json and results.png.")],
     systems: Annotated[list[str], typer.Argument(help="Scored `d2c sample` folders, as NAME=FOLDER (or FOLDER: "
@@ -315,6 +317,9 @@ def results(
     classes: Annotated[Optional[Path], typer.Option(
         "--classes", help="A shards manifest.json whose class names label the picture's columns.")] = None,
     title: Annotated[str, typer.Option("--title", help="Heading of results.md.")] = "Results",
+    frontier: Annotated[Optional[list[Path]], typer.Option(
+        "--frontier", help="A finished `d2c sweep` folder (repeatable): their points make one speed-quality "
+                           "frontier, written as OUT/frontier.{json,md,png} and appended to results.md.")] = None,
 ):
     """The results table: one row per scored sample folder (FID, sFID, P/R, IS, speed, sizes, budget) + a picture."""
     from d2ctool.evaluation.results import write_results
@@ -322,8 +327,35 @@ def results(
 
     pairs = [(s.split("=", 1)[0], s.split("=", 1)[1]) if "=" in s else (Path(s).name, s) for s in systems]
     names = load_manifest(classes.parent if classes.name == "manifest.json" else classes)["classes"] if classes else None
-    write_results(out, pairs, names, title)
+    write_results(out, pairs, names, title, frontier_sweeps=frontier or [])
     print((out / "results.md").read_text())
+
+
+@app.command(epilog="Examples:\n\n  d2c sweep runs/tiny/sweep/two-stage-add --recipe recipes/tiny.yaml "
+                    "--ref runs/tiny/val-ref.npz --system two-stage-add=two-stage:runs/tiny/continuous-add "
+                    "--grid stage2.num_iter=1,2,4 "
+                    "--grid stage2.sampler:stage2.num_sampling_steps=ddpm:25,dpm-solver++:10\n\n"
+                    "  d2c sweep runs/tiny/sweep/discrete-only --recipe recipes/tiny.yaml --ref runs/tiny/val-ref.npz "
+                    "--system discrete-only=discrete-only --grid stage1.cfg_scale=1.5,3")
+def sweep(
+    out: Annotated[Path, typer.Argument(help="Sweep folder: OUT/SYSTEM/POINT sample folders and "
+                                             "OUT/frontier.{json,md,png} (created; resumable).")],
+    ref: Annotated[Path, typer.Option("--ref", help="FID reference (`d2c fid-ref` output or an ADM .npz).")],
+    system: Annotated[list[str], typer.Option(
+        "--system", help="NAME=MODE[:STAGE2_RUN] (repeatable): a sampling mode and its stage-2 run; stage 1 and "
+                         "the tokenizers come from the recipe's sample section.")],
+    grid: Annotated[Optional[list[str]], typer.Option(
+        "--grid", help="An axis KEY=V1,V2 of `sample` settings (repeatable; replaces the recipe's sweep.grid); "
+                       "tie settings as K1:K2=A1:A2,B1:B2.")] = None,
+    recipe: RecipeOption = None,
+    set_: SetOption = None,
+):
+    """FID against images/s over a grid of sampling settings: each point sampled, scored and timed, then the frontier."""
+    from d2ctool.sweep import run_sweep
+
+    rows = run_sweep(out, recipe, list(set_ or []), system, list(grid or []), ref)
+    print((out / "frontier.md").read_text())
+    print(f"sweep: {len(rows)} points -> {out / 'frontier.png'}")
 
 
 def main() -> None:

@@ -118,3 +118,25 @@ def tiny_data(tmp_path_factory):
                                 f"tokenizers.kl.checkpoint={root / 'kl-tiny-s4.pt'}", "encode.resolution=32"], "encode")
     encode(root / "shards", root / "encoded", recipe.tokenizers, recipe.encode, recipe_yaml(recipe))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_data):
+    """A stage-1 run, a fused (add) stage-2 run and a plain (none) stage-2 run, two steps each."""
+    from d2ctool.config import to_dict
+    from d2ctool.continuous.train import train_continuous
+    from d2ctool.discrete.train import train_discrete
+    from d2ctool.recipe import load_recipe, recipe_yaml
+
+    common = ["train.global_batch_size=8", "train.steps=2", "train.num_workers=0", "train.sample_every=0"]
+    recipe = load_recipe(None, [f"discrete.data={tiny_data / 'encoded'}", f"discrete.out={tiny_data / 'gpt'}",
+                                "discrete.model=gpt-tiny", "discrete.sampling.top_k=0", "discrete.grid_classes=1",
+                                *[f"discrete.{c}" for c in common]])
+    train_discrete(recipe.discrete, to_dict(recipe.discrete), recipe_yaml(recipe))
+    for fusion in ("add", "none"):
+        recipe = load_recipe(None, [f"continuous.data={tiny_data / 'encoded'}", f"continuous.out={tiny_data / fusion}",
+                                    "continuous.model=mar-tiny", f"continuous.fusion={fusion}",
+                                    "continuous.sampling.num_iter=2", "continuous.sampling.num_sampling_steps=4",
+                                    "continuous.grid_samples=1", *[f"continuous.{c}" for c in common]])
+        train_continuous(recipe.continuous, to_dict(recipe.continuous), recipe_yaml(recipe))
+    return tiny_data

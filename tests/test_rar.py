@@ -24,7 +24,6 @@ from d2ctool.recipe import load_recipe, recipe_yaml
 from d2ctool.sampling.run import sample
 from test_discrete import _KILL, perturbed
 from test_sample import overrides as sample_overrides
-from test_sample import tiny_models  # noqa: F401 - the session fixture: tiny VQ/KL, stage-1 and stage-2 runs
 from test_tokenizers import read_manifest
 
 TINY = RARConfig(dim=64, n_layer=2, n_head=4, mlp_dim=128, vocab_size=32, num_classes=5, grid=4)

@@ -11,29 +11,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from d2ctool.config import to_dict
-from d2ctool.continuous.train import train_continuous
-from d2ctool.discrete.train import train_discrete
 from d2ctool.errors import UserError
 from d2ctool.recipe import load_recipe, recipe_yaml
 from d2ctool.sampling.run import sample
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tiny_data):
-    """A stage-1 run, a fused (add) stage-2 run and a plain (none) stage-2 run, two steps each."""
-    common = ["train.global_batch_size=8", "train.steps=2", "train.num_workers=0", "train.sample_every=0"]
-    recipe = load_recipe(None, [f"discrete.data={tiny_data / 'encoded'}", f"discrete.out={tiny_data / 'gpt'}",
-                                "discrete.model=gpt-tiny", "discrete.sampling.top_k=0", "discrete.grid_classes=1",
-                                *[f"discrete.{c}" for c in common]])
-    train_discrete(recipe.discrete, to_dict(recipe.discrete), recipe_yaml(recipe))
-    for fusion in ("add", "none"):
-        recipe = load_recipe(None, [f"continuous.data={tiny_data / 'encoded'}", f"continuous.out={tiny_data / fusion}",
-                                    "continuous.model=mar-tiny", f"continuous.fusion={fusion}",
-                                    "continuous.sampling.num_iter=2", "continuous.sampling.num_sampling_steps=4",
-                                    "continuous.grid_samples=1", *[f"continuous.{c}" for c in common]])
-        train_continuous(recipe.continuous, to_dict(recipe.continuous), recipe_yaml(recipe))
-    return tiny_data
 
 
 def overrides(root, mode="two-stage", *extra):

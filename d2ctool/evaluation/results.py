@@ -140,15 +140,23 @@ def results_picture(rows: list[dict], class_names: list[str] | None, classes: in
 
 
 def write_results(out: str | Path, systems: list[tuple[str, str | Path]], class_names: list[str] | None = None,
-                  title: str = "Results") -> list[dict]:
-    """results.md, results.json and results.png in `out`, from the scored sample folders `systems`."""
+                  title: str = "Results", frontier_sweeps: list[str | Path] = ()) -> list[dict]:
+    """results.md, results.json and results.png in `out`, from the scored sample folders `systems`; with
+    `frontier_sweeps` (finished `d2c sweep` folders) also their joint frontier (frontier.*), appended to results.md."""
+    from d2ctool.evaluation.frontier import read_points, write_frontier
+
     if not systems:
         raise UserError("give at least one scored sample folder")
     rows = [system_row(name, folder) for name, folder in systems]
+    points = [p for sweep in frontier_sweeps for p in read_points(sweep)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    text = markdown_table(rows, title)
+    if points:
+        write_frontier(out, points, f"Speed-quality frontier ({title})")
+        text += "\n" + (out / "frontier.md").read_text().replace("# Speed", "## Speed", 1)
     write_json(out / "results.json", {"title": title, "rows": rows})
-    write_text(out / "results.md", markdown_table(rows, title))
+    write_text(out / "results.md", text)
     buf = io.BytesIO()
     results_picture(rows, class_names).save(buf, format="PNG")
     write_bytes(out / "results.png", buf.getvalue())

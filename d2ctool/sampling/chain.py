@@ -56,11 +56,16 @@ class Chain:
 
     @property
     def uses_stage1(self) -> bool:
-        return self.cfg.mode in ("two-stage", "discrete-only")
+        return uses_stage(self.cfg.mode, "stage1")
 
     @property
     def uses_stage2(self) -> bool:
-        return self.cfg.mode in ("two-stage", "continuous-only", "oracle-codes")
+        return uses_stage(self.cfg.mode, "stage2")
+
+
+def uses_stage(mode: str, stage: str) -> bool:
+    """Whether sampling mode `mode` runs `stage` ("stage1": the discrete AR model, "stage2": MAR)."""
+    return mode in {"stage1": ("two-stage", "discrete-only"), "stage2": ("two-stage", "continuous-only", "oracle-codes")}[stage]
 
 
 POSTERIOR_MEANS = LatentNorm.scalar(1.0, "none: the tokenizer's own posterior means")
@@ -249,6 +254,13 @@ def batch_seed(seed: int, start: int) -> int:
     return int(np.random.SeedSequence([seed, start]).generate_state(1)[0])
 
 
+def _synced(device: torch.device) -> float:
+    """The time once the device's queued work is done (so that each stage's seconds are its own)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @torch.no_grad()
 def generate_batch(chain: Chain, labels: np.ndarray, start: int, timings: dict) -> np.ndarray:
     """uint8 images [B, H, W, 3] for the images start .. start+len(labels)-1."""
@@ -266,11 +278,11 @@ def generate_batch(chain: Chain, labels: np.ndarray, start: int, timings: dict) 
             codes = chain.oracle[0][start:start + len(labels)].to(device)
         if chain.real_latents is not None:
             latents = chain.real_latents[start:start + len(labels)].to(device)
-        t1 = time.perf_counter()
+        t1 = _synced(device)
         if chain.uses_stage2:
             latents = sample_latents(chain.mar, y, codes if chain.mar.cfg.fusion != "none" else None, cfg.stage2,
                                      generator=generator)
-        t2 = time.perf_counter()
+        t2 = _synced(device)
         if chain.uses_stage2:
             images = chain.kl.decode_latents(latents, chain.latent_norm)
         elif chain.real_latents is not None:
