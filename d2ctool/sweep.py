@@ -139,6 +139,11 @@ def run_sweep(out: str | Path, recipe_path: str | Path | None, overrides: list[s
     points = plan_points(out, [parse_system(s) for s in systems], axes)
     # every point's settings are read (types, bounds, keys) before any work
     recipes = [load_recipe(recipe_path, list(overrides) + point_overrides(p), "sample") for p in points]
+    for point, recipe in zip(points, recipes):
+        try:
+            recipe.sample.stage2.validate()
+        except UserError as e:
+            raise UserError(f"sweep point {point.system.name} {point.label}: sample.stage2.{e}") from None
     if distributed.rank_and_world()[1] > 1:
         raise UserError("d2c sweep times its points in one process: run it without torchrun")
     timing_file = "timing.json"

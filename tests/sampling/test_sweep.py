@@ -56,6 +56,9 @@ def test_grid_and_system_syntax_errors_are_one_clear_line():
 def test_bad_settings_are_refused_before_any_point_runs(tiny_models, ref, tmp_path):
     with pytest.raises(UserError, match="stage2.nm_iter"):
         run_sweep(tmp_path / "s", None, base(tiny_models), systems(tiny_models)[1:2], ["stage2.nm_iter=1,2"], ref)
+    with pytest.raises(UserError, match=r"sweep point two-stage-add stage2.sampler=dpm-solver\+\+: sample.stage2.temperature 0.5"):
+        run_sweep(tmp_path / "s", None, base(tiny_models, "sample.stage2.temperature=0.5"), systems(tiny_models)[1:2],
+                  ["stage2.sampler=ddpm,dpm-solver++"], ref)
     with pytest.raises(UserError, match="sampler: expected one of"):
         run_sweep(tmp_path / "s", None, base(tiny_models), systems(tiny_models)[1:2], ["stage2.sampler=euler"], ref)
     assert not (tmp_path / "s").exists()
