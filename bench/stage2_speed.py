@@ -3,11 +3,13 @@ time split (backbone, head), stage 1 (LlamaGen GPT-B codes) and decoding (KL-16)
 run on the same weights, the official MAR sampler (LTH14/mar `sample_tokens`) at its defaults.
 
     python bench/stage2_speed.py --official /tmp/mar --batch 1 --out bench/out/stage2_speed.json
+    python bench/stage2_speed.py --official /tmp/mar --settings 1:dpm-solver++:10 4:dpm-solver++:10 4:ddpm:25
 
 `--official` is a checkout of github.com/LTH14/mar (its models/ import timm: put it on PYTHONPATH). Its code
 is imported from there and run as is (on the CPU its `.cuda()` calls are made no-ops); nothing is copied.
 The official model gets our fusion-none model's state dict (the same keys), so both sample the same network.
-Runs alternate ours / official at equal settings so that a noisy machine affects both alike.
+Every DDPM setting runs ours, then the official sampler (its head respaced to the same steps) on the same
+weights, back to back, so that a noisy machine affects both alike.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from d2ctool.discrete.load import data_config
 from d2ctool.discrete.model import GPT
 from d2ctool.tokenizers.load import build_tokenizer, preset_config as tokenizer_config
 
-# (num_iter, head sampler, its steps), cheapest first; the last is MAR's default, also run with the official sampler
-SETTINGS = [(1, "dpm-solver++", 10), (4, "dpm-solver++", 10), (4, "ddpm", 25), (16, "ddpm", 25), (64, "ddpm", 100)]
+# num_iter:head sampler:its steps, cheapest first; the last is MAR's default
+SETTINGS = ["1:dpm-solver++:10", "4:dpm-solver++:10", "4:ddpm:25", "16:ddpm:25", "64:ddpm:100"]
 CFG = 2.9  # MAR-B's FID setting (linear schedule)
 
 
@@ -57,14 +59,15 @@ def ours(model, labels, num_iter, sampler, steps) -> dict:
     return {"seconds": total, "head_seconds": head_seconds[0], "backbone_seconds": total - head_seconds[0]}
 
 
-def official_model(checkout: Path, state_dict: dict):
-    sys.path.insert(0, str(checkout))
+def official_model(checkout: Path, state_dict: dict, steps: int):
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
     from models import mar as official  # noqa: E402 - from the checkout given
 
     torch.Tensor.cuda = lambda self, *a, **k: self  # its sampler calls .cuda(); this bench runs where it is
     model = official.mar_base(img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, mask_ratio_min=0.7,
                               label_drop_prob=0.1, class_num=1000, attn_dropout=0.1, proj_dropout=0.1,
-                              buffer_size=64, diffloss_d=6, diffloss_w=1024, num_sampling_steps="100",
+                              buffer_size=64, diffloss_d=6, diffloss_w=1024, num_sampling_steps=str(steps),
                               diffusion_batch_mul=4)
     model.load_state_dict(state_dict)
     return model.eval()
@@ -84,6 +87,7 @@ def main():
     parser.add_argument("--official", type=Path, help="a checkout of LTH14/mar (omit: ours only)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--settings", nargs="+", default=SETTINGS, help="NUM_ITER:SAMPLER:STEPS ...")
     parser.add_argument("--out", type=Path, default=Path("bench/out/stage2_speed.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -115,14 +119,17 @@ def main():
     record({"part": "decode (KL-16, 256 px)", "seconds": time.perf_counter() - t})
     del gpt, kl
 
-    mar = official_model(args.official, model.state_dict()) if args.official else None
     ours(model, labels, 1, "dpm-solver++", 2)  # warm-up
-    for num_iter, sampler, steps in SETTINGS:
+    for setting in args.settings:
+        num_iter, sampler, steps = setting.split(":")
+        num_iter, steps = int(num_iter), int(steps)
         record({"part": "stage 2", "sampler": "d2c", "num_iter": num_iter, "head": f"{sampler} {steps}",
                 **ours(model, labels, num_iter, sampler, steps)})
-        if mar is not None and (sampler, steps) == ("ddpm", 100):
-            record({"part": "stage 2", "sampler": "official MAR", "num_iter": num_iter, "head": "ddpm 100",
+        if args.official and sampler == "ddpm":  # the official head samples with DDPM only
+            mar = official_model(args.official, model.state_dict(), steps)
+            record({"part": "stage 2", "sampler": "official MAR", "num_iter": num_iter, "head": f"ddpm {steps}",
                     **official(mar, labels, num_iter)})
+            del mar
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
 
