@@ -82,12 +82,30 @@ def official(model, labels, num_iter) -> dict:
     return {"seconds": time.perf_counter() - t}
 
 
+def parts(labels, record) -> None:
+    """The parts outside stage 2, per batch: stage-1 codes (GPT-B, 16x16 of 16384, CFG 2.0) and KL-16 decoding."""
+    gpt = GPT(data_config(gpt_preset("gpt-b"), 16384, 16, 1000)).eval()
+    generate(gpt, labels, SamplingConfig(cfg_scale=2.0, top_k=0), torch.Generator().manual_seed(0))  # warm-up
+    t = time.perf_counter()
+    generate(gpt, labels, SamplingConfig(cfg_scale=2.0, top_k=0), torch.Generator().manual_seed(0))
+    record({"part": "stage 1 (GPT-B, 256 codes, CFG)", "seconds": time.perf_counter() - t})
+    kl = build_tokenizer("kl", tokenizer_config("kl", "kl-16")).eval()
+    with torch.no_grad():
+        latents = torch.randn(labels.shape[0], 16, 16, 16)
+        kl.decode_latents(latents)  # warm-up
+        t = time.perf_counter()
+        kl.decode_latents(latents)
+    record({"part": "decode (KL-16, 256 px)", "seconds": time.perf_counter() - t})
+    del gpt, kl
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official", type=Path, help="a checkout of LTH14/mar (omit: ours only)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--settings", nargs="+", default=SETTINGS, help="NUM_ITER:SAMPLER:STEPS ...")
+    parser.add_argument("--no-parts", action="store_true", help="skip the stage-1 and decode timings")
     parser.add_argument("--out", type=Path, default=Path("bench/out/stage2_speed.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -104,20 +122,8 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    # the parts outside stage 2: stage-1 codes (GPT-B, 16x16 of 16384, CFG 2.0) and KL-16 decoding, per batch
-    gpt = GPT(data_config(gpt_preset("gpt-b"), 16384, 16, 1000)).eval()
-    generate(gpt, labels, SamplingConfig(cfg_scale=2.0, top_k=0), torch.Generator().manual_seed(0))  # warm-up
-    t = time.perf_counter()
-    generate(gpt, labels, SamplingConfig(cfg_scale=2.0, top_k=0), torch.Generator().manual_seed(0))
-    record({"part": "stage 1 (GPT-B, 256 codes, CFG)", "seconds": time.perf_counter() - t})
-    kl = build_tokenizer("kl", tokenizer_config("kl", "kl-16")).eval()
-    with torch.no_grad():
-        latents = torch.randn(args.batch, 16, 16, 16)
-        kl.decode_latents(latents)  # warm-up
-        t = time.perf_counter()
-        kl.decode_latents(latents)
-    record({"part": "decode (KL-16, 256 px)", "seconds": time.perf_counter() - t})
-    del gpt, kl
+    if not args.no_parts:
+        parts(labels, record)
 
     ours(model, labels, 1, "dpm-solver++", 2)  # warm-up
     for setting in args.settings:
