@@ -1,4 +1,5 @@
-# `make test`: install into .venv and run the tests. `make reproduce`: install and run the tiny recipe.
+# `make test`: install into .venv and run every test; `make test-fast`: all but those marked slow.
+# `make reproduce`: install and run the tiny recipe.
 PYTHON ?= python3
 VENV ?= .venv
 RECIPE ?= recipes/tiny.yaml
@@ -13,7 +14,7 @@ FUSIONS ?= add prefix qformer crossattn
 # held-out images: the reference for every FID, and the real images of the oracle and reconstruction rows
 VAL_PER_CLASS ?= 20
 
-.PHONY: install test reproduce experiment bench clean
+.PHONY: install test test-fast reproduce experiment bench clean
 # every file below is a finished step's marker: never delete one as an intermediate
 .SECONDARY:
 
@@ -29,6 +30,10 @@ install: $(BIN)/d2c
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# the developer loop (about a minute): every test not marked slow
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The tiny experiment end to end, then its results table. Every step is resumable and a finished one is
 # skipped: re-running `make reproduce` finishes a killed run.

@@ -18,7 +18,7 @@ import torch
 from d2ctool.discrete.config import SamplingConfig, preset
 from d2ctool.discrete.generate import generate
 from d2ctool.discrete.load import build_model, data_config
-from d2ctool.discrete.model import code_loss
+from d2ctool.discrete.blocks import code_loss
 
 
 def timed(fn, device, repeat: int) -> float:

@@ -36,14 +36,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from d2ctool.continuous.config import FUSIONS, ContinuousSamplingConfig
 from d2ctool.continuous.load import build_mar, preset_config as mar_config
 from d2ctool.continuous.sample import sample_latents
+from d2ctool.discrete.blocks import code_loss
 from d2ctool.discrete.config import SamplingConfig, preset as gpt_preset
 from d2ctool.discrete.generate import generate
 from d2ctool.discrete.load import data_config
-from d2ctool.discrete.model import GPT, code_loss
+from d2ctool.discrete.model import GPT
 from d2ctool.io import write_json
+from d2ctool.plan import GPUS
 from d2ctool.tokenizers.encode import encode_images
 from d2ctool.tokenizers.load import build_tokenizer, preset_config as tokenizer_config
-from d2ctool.training.plan import GPUS, mar_step, stage1_step, trace_step
 
 BF16_TOLERANCE = 2e-2  # relative difference of bf16-autocast and fp32 losses
 SDPA_TOLERANCE = 1e-3  # relative difference of SDPA's fused kernel and its math path, fp32 outputs
@@ -130,8 +131,7 @@ class Bench:
         """Training FLOPs per image of the model at this size, counted on the meta device (as `d2c plan`)."""
         with torch.device("meta"):
             model = (self.gpt_model() if kind == "gpt" else self.mar_model(fusion)).train()
-        step = stage1_step(model, 2) if kind == "gpt" else mar_step(model, 2)
-        return trace_step(model, step, 2).train_flops
+        return model.step_cost(2).train_flops
 
 
     # ----- items ---------------------------------------------------------------------------------------

@@ -31,12 +31,14 @@ from types import SimpleNamespace
 import numpy as np
 from torch.utils.data import DataLoader
 
-from d2ctool.continuous.train import ENCODED, ContinuousTask
+from d2ctool.continuous.train import ContinuousTask
 from d2ctool.data import reader as reader_module
+from d2ctool.data.encoded import FORMAT as ENCODED
 from d2ctool.data.reader import ShardReader
-from d2ctool.data.shards import MANIFEST, npy_bytes, shard_name, write_tar
+from d2ctool.data.shards import npy_bytes, shard_name, write_tar
 from d2ctool.data.torch_dataset import ShardDataset
 from d2ctool.io import write_json
+from d2ctool.runstate import MANIFEST
 from d2ctool.tokenizers.latent_norm import LatentNorm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,8 +114,8 @@ def epoch(root: Path, workers: int, batch: int, log_dir: Path) -> dict:
 
 def consumption() -> dict:
     """Images/s one GPU's training step consumes, from `d2c plan` on the shipped recipes."""
+    from d2ctool.plan import GPUS, plan_recipe
     from d2ctool.recipe import load_recipe
-    from d2ctool.training.plan import GPUS, plan_recipe
 
     out = {}
     for name, stage in (("llamagen-b", "train-discrete"), ("mar-b", "train-continuous")):

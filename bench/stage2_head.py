@@ -16,30 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import torch
 
 from d2ctool.continuous.load import load_mar
 from d2ctool.continuous.config import ContinuousSamplingConfig
 from d2ctool.continuous.sample import sample_latents
-from d2ctool.data.reader import ShardReader
-from d2ctool.data.shards import read_npy
+from d2ctool.data.encoded import first_samples, read_manifest
 from d2ctool.tokenizers.kl import posterior_latents
 from d2ctool.tokenizers.latent_norm import from_manifest
 
 
 def real_batch(data: str, count: int):
-    reader = ShardReader(data, 0, 1, manifest_kind="d2c-encoded-shards")
-    norm = from_manifest(reader.manifest)
-    latents, labels, codes = [], [], []
-    for _, members in reader.raw():
-        moments = torch.from_numpy(read_npy(members["moments.npy"])[:1].astype(np.float32))
-        latents.append(norm.apply(posterior_latents(moments, None))[0])
-        labels.append(int(members["cls"]))
-        codes.append(torch.from_numpy(read_npy(members["codes.npy"])[0].astype(np.int64)))
-        if len(latents) == count:
-            break
-    return torch.stack(latents), torch.tensor(labels), torch.stack(codes)
+    norm = from_manifest(read_manifest(data).data)
+    codes, labels, moments = first_samples(data, count)
+    latents = norm.apply(posterior_latents(torch.from_numpy(moments), None))
+    return latents, torch.from_numpy(labels), torch.from_numpy(codes)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import torch
 
 from d2ctool.errors import UserError
 
+CHECKPOINT_FORMAT = "d2c-train-checkpoint"  # the `format` of every training checkpoint the trainer writes
 # Prefixes that wrappers add to every key: DDP/FSDP (`module.`), torch.compile (`_orig_mod.`).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -31,6 +32,12 @@ class LoadedWeights:
 
     def record(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def run_checkpoint(path: str | Path) -> Path:
+    """A run folder stands for its checkpoints/last.pt; a file is itself."""
+    path = Path(path)
+    return path / "checkpoints" / "last.pt" if path.is_dir() else path
 
 
 def blocked_global(message: str) -> str | None:

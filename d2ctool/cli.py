@@ -158,7 +158,10 @@ def _train_stage(command: str, section: str, run, recipe: Path | None, overrides
     recipe_cfg = _recipe(recipe, overrides, section)
     stage_cfg = getattr(recipe_cfg, section)
     if verify and stage_cfg.data:
-        _verify_shards(stage_cfg.data, kind="d2c-encoded-shards")
+        from d2ctool.data.encoded import read_manifest
+
+        read_manifest(stage_cfg.data, verify=True)
+        print(f"verified: every shard of {stage_cfg.data} matches its manifest (count, size, sha256)")
     _report_training(command, run(stage_cfg, to_dict(stage_cfg), recipe_yaml(recipe_cfg)))
 
 
@@ -197,7 +200,7 @@ def plan(
 ):
     """Check a recipe and estimate its cost per stage (parameters, FLOPs, steps, memory, GPU-hours) without data."""
     from d2ctool.io import write_json
-    from d2ctool.training.plan import format_plan, plan_dict, plan_recipe
+    from d2ctool.plan import format_plan, plan_dict, plan_recipe
 
     recipe_cfg = _recipe(recipe, set_, "plan")
     result = plan_recipe(recipe_cfg, str(recipe), check_paths)
@@ -206,12 +209,12 @@ def plan(
         write_json(json_out, plan_dict(result))
 
 
-def _verify_shards(*folders, kind: str = "d2c-image-shards") -> None:
+def _verify_shards(*folders) -> None:
     from d2ctool.data.shards import load_manifest
 
     for folder in folders:
         if folder is not None:
-            load_manifest(folder, kind, verify=True)
+            load_manifest(folder, verify=True)
             print(f"verified: every shard of {folder} matches its manifest (count, size, sha256)")
 
 

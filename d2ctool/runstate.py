@@ -16,10 +16,11 @@ import shutil
 import time
 from pathlib import Path
 
-from d2ctool.data.shards import MANIFEST, RESOLVED_CONFIG
 from d2ctool.errors import UserError
 from d2ctool.io import TMP_SUFFIX, check_writable, read_json_object, write_json, write_text
 
+MANIFEST = "manifest.json"  # written last: its presence means the folder is finished
+RESOLVED_CONFIG = "config.yaml"  # the resolved settings the folder was made with
 LOCK_FILE = ".d2c-lock"
 _held: dict[str, int] = {}  # real path of a locked folder -> the open lock file (kept until exit or release)
 

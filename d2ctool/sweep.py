@@ -85,11 +85,11 @@ def point_label(settings: dict[str, str]) -> str:
 
 def axes_for(mode: str, axes: list[Axis]) -> list[Axis]:
     """The axes a mode's chain reads: stage-1 (stage-2) settings only where the mode runs stage 1 (2)."""
-    from d2ctool.sampling.chain import uses_stage
+    from d2ctool.sampling.config import MODES
 
     def used(key: str) -> bool:
         stage = key.split(".", 1)[0]
-        return stage not in ("stage1", "stage2") or uses_stage(mode, stage)
+        return stage not in ("stage1", "stage2") or getattr(MODES[mode], stage)
 
     return [a for a in axes if all(used(k) for k in a.keys)]
 

@@ -1,8 +1,10 @@
-"""Shared fixtures: small image trees with every kind of bad file, written fresh for each test."""
+"""Shared fixtures and helpers: small image trees with every kind of bad file (fresh for each test), tiny data
+and tiny trained models (once per session), official state-dict manifests, and running the CLI."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+SPECS = REPO / "tests" / "specs"  # official state-dict manifests: parameter name, shape, dtype
 
 
 def image_bytes(size=(40, 32), mode="RGB", fmt="JPEG", seed=0) -> bytes:
@@ -120,6 +123,27 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+def read_manifest(name: str) -> dict[str, list[int]]:
+    """An official state-dict manifest in tests/specs: parameter name -> shape."""
+    entries = {}
+    for line in (SPECS / name).read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, _dtype = line.split("\t")
+        entries[key] = json.loads(shape)
+    return entries
+
+
+def perturbed(model):
+    """Every weight given a value (output layers and adaLN modulations start at zero), in eval mode."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tiny_data):
     """A stage-1 run, a fused (add) stage-2 run and a plain (none) stage-2 run, two steps each."""
@@ -140,3 +164,49 @@ def tiny_models(tiny_data):
                                     "continuous.grid_samples=1", *[f"continuous.{c}" for c in common]])
         train_continuous(recipe.continuous, to_dict(recipe.continuous), recipe_yaml(recipe))
     return tiny_data
+
+
+def sample_overrides(root, mode="two-stage", *extra):
+    """Recipe overrides that sample from the `tiny_models` runs in `mode`."""
+    return [f"tokenizers.vq.checkpoint={root / 'vq-tiny-s4.pt'}", f"tokenizers.kl.checkpoint={root / 'kl-tiny-s4.pt'}",
+            f"sample.mode={mode}", f"sample.discrete={root / 'gpt'}",
+            f"sample.continuous={root / ('none' if mode == 'continuous-only' else 'add')}",
+            f"sample.oracle_data={root / 'encoded'}", "sample.num_images=20", "sample.batch_size=8",
+            "sample.stage1.top_k=0", "sample.stage2.num_iter=3", "sample.stage2.num_sampling_steps=4",
+            "sample.grid_classes=3", "sample.grid_per_class=2", *extra]
+
+
+# ----- kill and resume: one harness on the `D2C_KILL_AT_WRITE` hook of d2ctool.io.write_event -----------------
+
+def _events(log: Path) -> list[tuple[str, str]]:
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return [(phase, Path(path).name) for _, phase, path in (line.split(" ", 2) for line in lines)]
+
+
+def write_events(run, log: Path):
+    """Call `run()` in this process with D2C_WRITE_LOG=log; (its result, its write events in order as
+    (phase, file name): a temporary complete ("written"), renamed into place, or a metrics line appended)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("D2C_WRITE_LOG", str(log))
+        result = run()
+    return result, _events(log)
+
+
+def kill_at_write(k: int, *args, log: Path) -> list[tuple[str, str]]:
+    """Run `d2c ARGS` in a subprocess that SIGKILLs itself at its k-th write event (D2C_KILL_AT_WRITE=k), check
+    that it died there, and return its write events (the last one is the instant of the kill)."""
+    import signal
+
+    proc = run_d2c(*args, env={**os.environ, "D2C_KILL_AT_WRITE": str(k), "D2C_WRITE_LOG": str(log),
+                               "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    events = _events(log)
+    assert len(events) == k
+    return events
+
+
+def kill_at_metrics_line(n: int, events, args, log: Path) -> None:
+    """Kill the training command `d2c ARGS` as it appends its n-th metrics line. `events`: the write events of
+    the same run uninterrupted (`write_events`)."""
+    line = [i for i, event in enumerate(events, 1) if event == ("appended", "metrics.jsonl")][n - 1]
+    assert kill_at_write(line, *args, log=log)[-1] == ("appended", "metrics.jsonl")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from conftest import REPO
 from d2ctool.continuous.config import FUSIONS
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_tiny_on_the_cpu(tmp_path, one_thread):
     spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "gpu.py")
     bench = importlib.util.module_from_spec(spec)

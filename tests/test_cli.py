@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, run_d2c
 
 
+@pytest.mark.slow
 def test_help_lists_commands_and_examples():
     top = run_d2c("--help", check=True)
     assert "prepare" in top.stdout
@@ -16,6 +19,7 @@ def test_help_lists_commands_and_examples():
     assert run_d2c("--version", check=True).stdout.startswith("d2c ")
 
 
+@pytest.mark.slow
 def test_console_script_is_installed():
     d2c = REPO / ".venv" / "bin" / "d2c"
     exe = d2c if d2c.exists() else "d2c"
@@ -23,12 +27,14 @@ def test_console_script_is_installed():
     assert proc.returncode == 0 and "prepare" in proc.stdout
 
 
+@pytest.mark.slow
 def test_startup_does_not_import_heavy_modules():
     code = "import sys, d2ctool.cli; print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_without_traceback(tmp_path):
     cases = [
         (["prepare", tmp_path / "missing", tmp_path / "out"], "error: source not found"),

@@ -10,9 +10,11 @@ import pytest
 from conftest import REPO, run_d2c
 from d2ctool.errors import UserError
 from d2ctool.recipe import load_recipe
-from d2ctool.training.plan import mean_mask_ratio, plan_recipe
+from d2ctool.continuous.model import mean_mask_ratio
+from d2ctool.plan import plan_recipe
 
 RECIPES = sorted((REPO / "recipes" / "imagenet256").glob("*.yaml"))
+pytestmark = pytest.mark.slow  # each plan traces full-size models on the meta device (seconds each)
 
 
 def _plan(name: str, *overrides: str, check_paths: bool = False):
@@ -137,7 +139,7 @@ def test_trace_step_counts_flops_and_saved_activations_by_hand():
     import torch
     from torch import nn
 
-    from d2ctool.training.plan import trace_step
+    from d2ctool.training.cost import trace_step
 
     with torch.device("meta"):
         model = nn.Module()
@@ -162,7 +164,7 @@ def test_plan_gpus_are_the_config_choices():
     import typing
 
     from d2ctool.training.config import PlanConfig
-    from d2ctool.training.plan import GPUS
+    from d2ctool.plan import GPUS
 
     assert set(typing.get_args(typing.get_type_hints(PlanConfig)["gpu"])) == set(GPUS)
 
@@ -180,3 +182,49 @@ def test_sampling_inputs_must_be_named():
         _plan("d2c-b-add.yaml", "sample.continuous=null")
     with pytest.raises(UserError, match="sample.mode oracle-codes conditions stage 2 on discrete codes"):
         _plan("mar-b.yaml", "sample.mode=oracle-codes", "sample.oracle_data=/x")
+
+
+@pytest.mark.parametrize("fusion", ["add", "crossattn"])
+def test_planned_flops_are_the_real_forward_and_backward(fusion):
+    """The planner's count for stage 2 (and stage 1) is what FlopCounterMode counts on a real CPU training step
+    of the same model, at the same mask ratio: no hand-kept copy of the forward pass."""
+    import dataclasses
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from d2ctool.continuous.model import MAR
+    from d2ctool.continuous.train import model_config_for_data
+    from d2ctool.data.encoded import EncodedManifest
+    from d2ctool.discrete.load import build_model
+    from d2ctool.discrete.train import model_config_for_data as stage1_config
+
+    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", ["plan.train_images=1000", "plan.gpus=1",
+                                                          "plan.num_classes=10", f"continuous.fusion={fusion}"])
+    plan = plan_recipe(recipe, "tiny")
+    from d2ctool.tokenizers.load import preset_config
+
+    vq, kl = preset_config("vq", recipe.tokenizers.vq.preset), preset_config("kl", recipe.tokenizers.kl.preset)
+    grid = recipe.encode.resolution // 4  # the tiny tokenizers' stride
+    manifest = EncodedManifest.planned(grid, 10, vq.codebook_size, kl.embed_dim)
+    cfg = dataclasses.replace(model_config_for_data(recipe.continuous, manifest), grad_checkpointing=False)
+    torch.manual_seed(0)
+    mar = MAR(cfg).train()
+    latents, labels = torch.randn(2, cfg.latent_channels, cfg.latent_size, cfg.latent_size), torch.tensor([1, 3])
+    codes = torch.randint(0, cfg.code_vocab, (2, cfg.code_len))
+    # the CPU's fused attention kernel is not counted by FlopCounterMode; the math backend's matmuls are
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        loss = mar(latents, labels, codes, mask_ratio=mean_mask_ratio(cfg.mask_ratio_min))
+        forward = counter.get_total_flops()
+        loss.backward()
+        total = counter.get_total_flops()
+    stage2 = _stage(plan, "train-continuous")
+    assert stage2.params == sum(p.numel() for p in mar.parameters())
+    assert (stage2.forward_flops, stage2.train_flops) == (forward / 2, total / 2)
+
+    gpt = build_model(stage1_config(recipe.discrete, manifest)).train()
+    codes = torch.randint(0, gpt.cfg.vocab_size, (2, gpt.cfg.grid**2))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        gpt.loss(codes, labels).backward()
+    assert _stage(plan, "train-discrete").train_flops == counter.get_total_flops() / 2

@@ -146,3 +146,21 @@ class ContinuousConfig:
     train: TrainConfig = nested(TrainConfig)
     sampling: ContinuousSamplingConfig = nested(ContinuousSamplingConfig)
     grid_samples: int = bounded(8, min=1)  # periodic grid: real images' codes -> stage-2 samples
+
+
+# ----- sizes: MAR's released models and CPU-sized ones for the tests and the tiny recipe -----------------
+
+_TINY = dict(latent_channels=4, latent_size=8, buffer_size=4, encoder_dim=64, encoder_depth=2, encoder_heads=4,
+             decoder_dim=64, decoder_depth=2, decoder_heads=4, attn_dropout=0.0, proj_dropout=0.0,
+             diffloss_depth=2, diffloss_width=128, code_vocab=512, code_size=8,
+             qformer_queries=8, qformer_depth=1)
+PRESETS = {
+    "mar-b": MARConfig(),  # MAR mar_base: mar_base.pth
+    "mar-l": MARConfig(encoder_dim=1024, encoder_depth=16, encoder_heads=16, decoder_dim=1024, decoder_depth=16,
+                       decoder_heads=16, diffloss_depth=8, diffloss_width=1280),  # mar_large.pth
+    "mar-h": MARConfig(encoder_dim=1280, encoder_depth=20, encoder_heads=16, decoder_dim=1280, decoder_depth=20,
+                       decoder_heads=16, diffloss_depth=12, diffloss_width=1536),  # mar_huge.pth
+    # CPU-sized, for the tiny tokenizers at 32 px (kl-tiny-s4: 4 x 8 x 8 latents; vq-tiny-s4: 8 x 8 of 512 codes)
+    "mar-tiny": MARConfig(**_TINY),
+    "mar-tiny-s8": MARConfig(**{**_TINY, "latent_size": 4, "code_size": 4}),  # kl-tiny-s8 / vq-tiny-s8
+}

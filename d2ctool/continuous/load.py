@@ -13,28 +13,13 @@ from pathlib import Path
 
 import torch
 
-from d2ctool.checkpoints import LoadedWeights, listing, load_file, load_strict, unwrap
+from d2ctool.checkpoints import CHECKPOINT_FORMAT, LoadedWeights, listing, load_file, load_strict, run_checkpoint, unwrap
 from d2ctool.config import ConfigError, build
-from d2ctool.continuous.config import RETIRED_FIELDS, MARConfig
+from d2ctool.continuous.config import PRESETS, RETIRED_FIELDS, MARConfig
 from d2ctool.continuous.model import MAR
 from d2ctool.errors import UserError
 from d2ctool.io import atomic_path, sha256_file
-from d2ctool.training.trainer import CHECKPOINT_FORMAT, run_checkpoint
 
-_TINY = dict(latent_channels=4, latent_size=8, buffer_size=4, encoder_dim=64, encoder_depth=2, encoder_heads=4,
-             decoder_dim=64, decoder_depth=2, decoder_heads=4, attn_dropout=0.0, proj_dropout=0.0,
-             diffloss_depth=2, diffloss_width=128, code_vocab=512, code_size=8,
-             qformer_queries=8, qformer_depth=1)
-PRESETS = {
-    "mar-b": MARConfig(),  # MAR mar_base: mar_base.pth
-    "mar-l": MARConfig(encoder_dim=1024, encoder_depth=16, encoder_heads=16, decoder_dim=1024, decoder_depth=16,
-                       decoder_heads=16, diffloss_depth=8, diffloss_width=1280),  # mar_large.pth
-    "mar-h": MARConfig(encoder_dim=1280, encoder_depth=20, encoder_heads=16, decoder_dim=1280, decoder_depth=20,
-                       decoder_heads=16, diffloss_depth=12, diffloss_width=1536),  # mar_huge.pth
-    # CPU-sized, for the tiny tokenizers at 32 px (kl-tiny-s4: 4 x 8 x 8 latents; vq-tiny-s4: 8 x 8 of 512 codes)
-    "mar-tiny": MARConfig(**_TINY),
-    "mar-tiny-s8": MARConfig(**{**_TINY, "latent_size": 4, "code_size": 4}),  # kl-tiny-s8 / vq-tiny-s8
-}
 # which entry of an official container holds the weights, in order of preference
 OFFICIAL_KEYS = ("model_ema", "model", "state_dict")
 OWN_FORMAT = "d2c-mar"
@@ -58,6 +43,12 @@ def config_from_dict(data: dict, where: str) -> MARConfig:
 
 def build_mar(cfg: MARConfig) -> MAR:
     return MAR(cfg)
+
+
+def mar_from_preset(preset: str, **data) -> MAR:
+    """A freshly initialised MAR of `preset` for data of this shape (latent_channels, latent_size, code_vocab,
+    code_size, num_classes; any other MARConfig field may be given too)."""
+    return MAR(preset_config(preset, data))
 
 
 def save_mar(path: str | Path, model: MAR, name: str = "custom", ema: dict | None = None, extra: dict | None = None):

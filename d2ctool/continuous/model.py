@@ -27,6 +27,7 @@ from d2ctool.continuous.config import MARConfig
 from d2ctool.continuous.diffusion import DiffusionHead
 from d2ctool.continuous.fusion import CodeContext, CodeFusion
 from d2ctool.errors import UserError
+from d2ctool.training.cost import StepCost, trace_step
 
 MASK_RATIO_STD = 0.25  # MAR: the truncated Gaussian of mask ratios is centred at 1.0 with this std
 
@@ -38,6 +39,14 @@ def truncated_normal_mask_ratio(minimum: float, generator: torch.Generator | Non
     u = rng.rand((), torch.device("cpu"), generator).double()
     ratio = 1.0 + MASK_RATIO_STD * torch.special.ndtri(lo + u * (hi - lo))
     return float(ratio.clamp(minimum, 1.0))
+
+
+def mean_mask_ratio(minimum: float) -> float:
+    """Mean of N(1, 0.25^2) truncated to [minimum, 1]: the ratio of an average training step."""
+    a = (minimum - 1.0) / MASK_RATIO_STD
+    pdf = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    return 1.0 + MASK_RATIO_STD * (pdf(a) - pdf(0.0)) / (cdf(0.0) - cdf(a))
 
 
 class MAR(nn.Module):
@@ -95,6 +104,16 @@ class MAR(nn.Module):
                     nn.init.zeros_(block.cross_attn.proj.weight)
                     nn.init.zeros_(block.cross_attn.proj.bias)
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Recompute each block's activations in backward (the trainer sets it, as on GPT and RAR; the config's
+        `grad_checkpointing` is its initial value). Covers the transformer and the diffusion head."""
+        return self.diffloss.net.grad_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.diffloss.net.grad_checkpointing = on
+
     # ----- tokens -----------------------------------------------------------------------------------
 
     def patchify(self, latents: torch.Tensor) -> torch.Tensor:
@@ -116,6 +135,8 @@ class MAR(nn.Module):
         if labels.shape != (batch,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise UserError(f"labels: expected integer class indices of shape [{batch}], got "
                             f"{labels.dtype} {list(labels.shape)}")
+        if labels.is_meta:  # shapes only (d2c plan): no values to check
+            return
         lo, hi = torch.aminmax(labels)
         if int(lo) < 0 or int(hi) >= n:
             raise UserError(f"labels: class indices must lie in [0, {n - 1}] (num_classes {n}), got "
@@ -137,6 +158,8 @@ class MAR(nn.Module):
                             f"{list(codes.shape)}: the VQ tokenizer's grid must match code_size")
         if codes.dtype.is_floating_point or codes.dtype == torch.bool:
             raise UserError(f"codes: expected integer codebook indices, got {codes.dtype}")
+        if codes.is_meta:
+            return
         lo, hi = torch.aminmax(codes)
         if int(lo) < 0 or int(hi) >= cfg.code_vocab:
             raise UserError(f"codes: indices must lie in [0, {cfg.code_vocab - 1}] (config code_vocab "
@@ -179,13 +202,21 @@ class MAR(nn.Module):
         """[B, L] long: a random permutation of the token positions per sample."""
         return rng.rand((batch, self.cfg.seq_len), device, generator).argsort(dim=1)
 
+    def masked_count(self, generator: torch.Generator | None = None, ratio: float | None = None) -> int:
+        """ceil(L * ratio) tokens to mask, one ratio for the batch (the encoder needs as many visible tokens
+        in every sample); the ratio is drawn from the truncated Gaussian unless given."""
+        if ratio is None:
+            ratio = truncated_normal_mask_ratio(self.cfg.mask_ratio_min, generator)
+        return math.ceil(self.cfg.seq_len * ratio)
+
+    @staticmethod
+    def first_of_orders(orders: torch.Tensor, n: int) -> torch.Tensor:
+        """[B, L] bool: the first n positions of each order."""
+        return torch.zeros(orders.shape, dtype=torch.bool, device=orders.device).scatter(1, orders[:, :n], True)
+
     def random_mask(self, orders: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """[B, L] bool: the first ceil(L * ratio) positions of each order, one ratio for the batch (the
-        encoder needs as many visible tokens in every sample)."""
-        ratio = truncated_normal_mask_ratio(self.cfg.mask_ratio_min, generator)
-        n = math.ceil(self.cfg.seq_len * ratio)
-        mask = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
-        return mask.scatter(1, orders[:, :n], True)
+        """[B, L] bool: the first `masked_count` positions of each order."""
+        return self.first_of_orders(orders, self.masked_count(generator))
 
     # ----- transformer --------------------------------------------------------------------------------
 
@@ -193,7 +224,7 @@ class MAR(nn.Module):
         """`memory`: the cross-attention memory, or a list of each block's precomputed (keys, values)."""
         for i, block in enumerate(blocks):
             m = memory[i] if isinstance(memory, list) else memory
-            if self.cfg.grad_checkpointing and torch.is_grad_enabled():
+            if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, m, use_reentrant=False)
             else:
                 x = block(x, m)
@@ -208,20 +239,28 @@ class MAR(nn.Module):
                        encoder_kv=[b.cross_attn.memory_kv(ctx.encoder_memory) for b in self.encoder_blocks],
                        decoder_kv=[b.cross_attn.memory_kv(ctx.decoder_memory) for b in self.decoder_blocks])
 
-    def _keep(self, mask: torch.Tensor) -> torch.Tensor:
-        """Positions the encoder sees: the buffer and the unmasked tokens. [B, buffer + L] bool."""
-        return F.pad(mask.logical_not(), (self.cfg.buffer_size, 0), value=True)
+    def _kept(self, mask: torch.Tensor, visible: int) -> torch.Tensor:
+        """[B, buffer + visible] long: the positions the encoder sees, in order: the buffer, then each
+        sample's unmasked tokens. Every sample has as many (one mask ratio per batch, one schedule in
+        sampling), so they are gathered: unlike boolean indexing, a gather has a meta-device form."""
+        buf = self.cfg.buffer_size
+        unmasked = mask.to(torch.uint8).argsort(dim=1, stable=True)[:, :visible]  # ascending positions
+        return torch.cat([torch.arange(buf, device=mask.device).expand(mask.shape[0], buf), buf + unmasked], 1)
 
     def encode(self, tokens: torch.Tensor, mask: torch.Tensor, class_emb: torch.Tensor,
-               ctx: CodeContext | None = None) -> torch.Tensor:
-        """tokens [B, L, Ct], mask [B, L] bool, class_emb [B, De] -> [B, K + buffer + visible, De]."""
+               ctx: CodeContext | None = None, masked: int | None = None) -> torch.Tensor:
+        """tokens [B, L, Ct], mask [B, L] bool, class_emb [B, De] -> [B, K + buffer + visible, De].
+        `masked`: the number of masked tokens per sample (counted from `mask` when not given)."""
         x = self.z_proj(tokens)
         if ctx is not None and ctx.encoder_add is not None:
             x = x + ctx.encoder_add
         b, _, d = x.shape
         x = torch.cat([class_emb[:, None].expand(b, self.cfg.buffer_size, d), x], dim=1)
         x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
-        x = x[self._keep(mask)].reshape(b, -1, d)
+        if masked is None:
+            masked = int(mask[0].sum())
+        kept = self._kept(mask, mask.shape[1] - masked)
+        x = x.gather(1, kept[..., None].expand(-1, -1, d))
         if ctx is not None and ctx.encoder_tokens is not None:
             x = torch.cat([ctx.encoder_tokens.to(x.dtype), x], dim=1)
         x = self._run(self.encoder_blocks, x, None if ctx is None else ctx.encoder_kv or ctx.encoder_memory)
@@ -233,10 +272,9 @@ class MAR(nn.Module):
         b, buf = x.shape[0], self.cfg.buffer_size
         k = 0 if ctx is None or ctx.encoder_tokens is None else ctx.encoder_tokens.shape[1]
         extra, x = x[:, :k], x[:, k:]
-        keep = self._keep(mask)
-        padded = self.mask_token.to(x.dtype).expand(b, keep.shape[1], -1).clone()
-        padded[keep] = x.reshape(-1, x.shape[-1])
-        x = padded + self.decoder_pos_embed_learned
+        kept = self._kept(mask, x.shape[1] - buf)[..., None].expand(-1, -1, x.shape[-1])
+        padded = self.mask_token.to(x.dtype).expand(b, buf + mask.shape[1], -1)
+        x = padded.scatter(1, kept, x) + self.decoder_pos_embed_learned
         if ctx is not None and ctx.decoder_add is not None:
             x = x + F.pad(ctx.decoder_add, (0, 0, buf, 0))
         if k:
@@ -250,9 +288,10 @@ class MAR(nn.Module):
     # ----- training -----------------------------------------------------------------------------------
 
     def forward(self, latents: torch.Tensor, labels: torch.Tensor, codes: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, mask_ratio: float | None = None) -> torch.Tensor:
         """The training loss for scaled latents [B, C, h, w], class labels [B] and, with a fusion, the
-        discrete codes [B, code_size**2]. `generator` (optional) drives every random choice."""
+        discrete codes [B, code_size**2]. `generator` (optional) drives every random choice; `mask_ratio`
+        fixes the ratio instead of drawing it."""
         self.check_latents(latents)
         batch = latents.shape[0]
         self.check_labels(labels, batch)
@@ -260,9 +299,20 @@ class MAR(nn.Module):
         tokens = self.patchify(latents.to(self.z_proj.weight.dtype))
         ctx = self.code_context(codes, generator)
         orders = self.sample_orders(batch, tokens.device, generator)
-        mask = self.random_mask(orders, generator)
+        masked = self.masked_count(generator, mask_ratio)
+        mask = self.first_of_orders(orders, masked)
         class_emb = self.class_embedding(labels, batch, generator)
-        z = self.decode(self.encode(tokens, mask, class_emb, ctx), mask, ctx)
+        z = self.decode(self.encode(tokens, mask, class_emb, ctx, masked), mask, ctx)
         m = self.cfg.diffusion_batch_mul
         return self.diffloss(tokens.reshape(-1, tokens.shape[-1]).repeat(m, 1), z.reshape(-1, z.shape[-1]).repeat(m, 1),
                              mask.reshape(-1).repeat(m), generator)
+
+    def step_cost(self, batch: int = 2) -> StepCost:
+        """FLOPs and saved activations of one training step per image, traced through `forward` at the
+        mean mask ratio on this model's device (the meta device for `d2c plan`)."""
+        cfg, device = self.cfg, self.z_proj.weight.device
+        latents = torch.zeros(batch, cfg.latent_channels, cfg.latent_size, cfg.latent_size, device=device)
+        labels = torch.zeros(batch, dtype=torch.long, device=device)
+        codes = None if cfg.fusion == "none" else torch.zeros(batch, cfg.code_len, dtype=torch.long, device=device)
+        ratio = mean_mask_ratio(cfg.mask_ratio_min)
+        return trace_step(self, lambda: self(latents, labels, codes, mask_ratio=ratio), batch)

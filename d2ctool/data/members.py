@@ -2,9 +2,9 @@
 
 `SampleCheck(manifest)` is built once per reader and called on every sample the reader yields. It
 checks what is cheap and what would otherwise fail far away (inside a DataLoader worker, or as an
-IndexError in an embedding): the label, the presence of the image, and for encoded shards each
-`.npy` member's dtype (integer codes, float moments, never an object array), its shape against the
-manifest's grid and channels, finite values and the code range against the codebook. A bad member is
+IndexError in an embedding): the label, and the presence of the image, or, for a format that registers
+a member check of its own (encoded shards: data/encoded.py), that check: each `.npy` member's dtype,
+shape, values. A bad member is
 a UserError naming shard, key and member. Image bytes are decoded later, by whoever needs the pixels;
 `decode_failure` names the sample a decode error came from.
 """
@@ -15,10 +15,10 @@ import threading
 
 import numpy as np
 
+from d2ctool.data.shards import FORMATS, read_npy
 from d2ctool.errors import UserError
 
 IMAGE_EXTS = ("jpg", "png", "webp", "bmp")
-ENCODED_FORMAT = "d2c-encoded-shards"
 _current = threading.local()  # the sample a reader yielded last in this thread: named by decode errors
 
 
@@ -26,15 +26,9 @@ class SampleCheck:
     def __init__(self, manifest: dict, root):
         self.root = root
         self.num_classes = len(manifest["classes"])
-        self.encoded = manifest.get("format") == ENCODED_FORMAT
-        if self.encoded:
-            try:
-                self.codes_shape = tuple(manifest["codes"]["shape"])
-                self.moments_shape = tuple(manifest["moments"]["shape"])
-                self.codebook_size = int(manifest["tokenizers"]["vq"]["codebook_size"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise UserError(f"{root}/manifest.json: incomplete encoded-shard manifest (no {e}); "
-                                f"re-run `d2c encode` into a new folder") from None
+        fmt = FORMATS.get(manifest.get("format"))
+        # a format with members of its own (encoded shards: codes and moments) checks them; else an image
+        self.members = fmt.member_check(manifest, root) if fmt is not None and fmt.member_check else None
 
     def __call__(self, shard: str, key: str, members: dict[str, bytes]) -> None:
         where = f"shard {shard}, sample {key!r}"
@@ -47,35 +41,27 @@ class SampleCheck:
             raise UserError(f"{where}: member 'cls' is not an integer: {members['cls'][:20]!r}") from None
         if not 0 <= label < self.num_classes:
             raise UserError(f"{where}: class label {label} outside 0..{self.num_classes - 1} (the manifest's classes)")
-        if not self.encoded:
-            if not any(ext in members for ext in IMAGE_EXTS):
-                raise UserError(f"{where}: no image member ({', '.join(IMAGE_EXTS)}); found {', '.join(sorted(members))}")
-            return
-        codes = self._array(where, members, "codes.npy", "i", self.codes_shape)
-        low, high = int(codes.min()), int(codes.max())
-        if low < 0 or high >= self.codebook_size:
-            raise UserError(f"{where}, member codes.npy: code {low if low < 0 else high} outside the codebook "
-                            f"(0..{self.codebook_size - 1})")
-        moments = self._array(where, members, "moments.npy", "f", self.moments_shape)
-        if not np.isfinite(moments).all():
-            raise UserError(f"{where}, member moments.npy: holds NaN or infinite values")
+        if self.members is not None:
+            self.members(where, members)
+        elif not any(ext in members for ext in IMAGE_EXTS):
+            raise UserError(f"{where}: no image member ({', '.join(IMAGE_EXTS)}); found {', '.join(sorted(members))}")
 
-    @staticmethod
-    def _array(where: str, members: dict, name: str, kind: str, shape: tuple) -> np.ndarray:
-        from d2ctool.data.shards import read_npy
 
-        if name not in members:
-            raise UserError(f"{where}: member {name} is missing")
-        try:
-            array = read_npy(members[name])
-        except (ValueError, EOFError, OSError) as e:  # garbage bytes, a cut header, a pickled object array
-            raise UserError(f"{where}, member {name}: not a readable .npy array ({e})") from None
-        if array.dtype.kind != kind and not (kind == "i" and array.dtype.kind == "u"):
-            expected = "integer" if kind == "i" else "floating-point"
-            raise UserError(f"{where}, member {name}: dtype {array.dtype}, expected {expected}")
-        if array.shape != shape:
-            raise UserError(f"{where}, member {name}: shape {list(array.shape)}, the manifest says {list(shape)}")
-        return array
+def npy_member(where: str, members: dict, name: str, kind: str, shape: tuple) -> np.ndarray:
+    """The array of member `name`, checked: readable without pickles, `kind` "i" (integer) or "f" (float),
+    of `shape`; a UserError naming the sample and the member otherwise."""
+    if name not in members:
+        raise UserError(f"{where}: member {name} is missing")
+    try:
+        array = read_npy(members[name])
+    except (ValueError, EOFError, OSError) as e:  # garbage bytes, a cut header, a pickled object array
+        raise UserError(f"{where}, member {name}: not a readable .npy array ({e})") from None
+    if array.dtype.kind != kind and not (kind == "i" and array.dtype.kind == "u"):
+        expected = "integer" if kind == "i" else "floating-point"
+        raise UserError(f"{where}, member {name}: dtype {array.dtype}, expected {expected}")
+    if array.shape != shape:
+        raise UserError(f"{where}, member {name}: shape {list(array.shape)}, the manifest says {list(shape)}")
+    return array
 
 
 def decode_failure(error: Exception, where: str | None = None) -> UserError:

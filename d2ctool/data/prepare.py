@@ -26,15 +26,14 @@ import numpy as np
 from d2ctool import __version__
 from d2ctool.config import to_dict
 from d2ctool.data.config import PrepareConfig
-from d2ctool.data.shards import MANIFEST, REJECTED, shard_name, write_tar
+from d2ctool.data.shards import IMAGE_FORMAT as FORMAT, REJECTED, shard_name, write_tar
 from d2ctool.data.sources import SYNTHETIC, Source, scan_source
 from d2ctool.data.verify import load_file, load_synthetic
 from d2ctool.errors import UserError
 from d2ctool.io import atomic_path, sha256_file, write_text
 from d2ctool.progress import Progress, info
-from d2ctool.runstate import OutputFolder
+from d2ctool.runstate import MANIFEST, OutputFolder
 
-FORMAT = "d2c-image-shards"
 STATE_DIR = ".d2c-prepare"  # OutputFolder(out, "prepare", ...).state
 
 

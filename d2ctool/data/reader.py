@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from d2ctool.data.members import SampleCheck, decode_failure
-from d2ctool.data.shards import iter_tar, load_manifest
+from d2ctool.data.shards import IMAGE_FORMAT, iter_tar, load_manifest
 from d2ctool.distributed import rank_and_world
 from d2ctool.errors import UserError
 
@@ -88,7 +88,7 @@ class ShardReader:
 
     def __init__(self, root: str | Path, rank: int | None = None, world_size: int | None = None, *,
                  shuffle: bool = False, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 0, skip: int = 0,
-                 manifest_kind: str = "d2c-image-shards"):
+                 manifest_kind: str = IMAGE_FORMAT):
         self.root = Path(root)
         self.manifest = load_manifest(self.root, manifest_kind)
         env_rank, env_world = rank_and_world()

@@ -14,23 +14,37 @@ import hashlib
 import io
 import tarfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from d2ctool.errors import UserError
 from d2ctool.io import read_json_object
+from d2ctool.runstate import MANIFEST
 
-MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
-RESOLVED_CONFIG = "config.yaml"
-MADE_BY = {"d2c-image-shards": "d2c prepare", "d2c-encoded-shards": "d2c encode"}  # what to re-run
-REQUIRED = {"d2c-image-shards": ("classes", "class_counts"),  # beside `shards`: what readers of each kind use
-            "d2c-encoded-shards": ("classes", "class_counts", "grid", "codes", "moments", "tokenizers", "scale_factor",
-                                   "resolution")}
+IMAGE_FORMAT = "d2c-image-shards"
+
+
+@dataclass(frozen=True)
+class ShardFormat:
+    """What readers know of one kind of shard folder; the module that owns a format registers it."""
+
+    made_by: str  # the command that writes it: what to re-run
+    required: tuple[str, ...]  # manifest keys beside `shards` that its readers use
+    member_check: Callable | None = None  # (manifest, root) -> check(where, members) of its samples' members
+
+
+FORMATS = {IMAGE_FORMAT: ShardFormat("d2c prepare", ("classes", "class_counts"))}  # data/encoded.py adds its own
+
+
+def register_format(name: str, fmt: ShardFormat) -> None:
+    FORMATS[name] = fmt
 
 
 def _remake(manifest: dict | None, root) -> str:
-    command = MADE_BY.get((manifest or {}).get("format"), "the command that made it")
+    fmt = FORMATS.get((manifest or {}).get("format"))
+    command = fmt.made_by if fmt else "the command that made it"
     return f"re-run `{command}` into a new folder to rebuild {root}"
 
 
@@ -137,15 +151,18 @@ def read_npy(data: bytes):
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def load_manifest(root: str | Path, kind: str = "d2c-image-shards", verify: bool = False) -> dict:
+def load_manifest(root: str | Path, kind: str = IMAGE_FORMAT, verify: bool = False) -> dict:
     """Read and check a shard folder's manifest.json and every shard's size (and sha256 with `verify`).
 
     The error says what to run when something is missing or damaged.
     """
+    if kind not in FORMATS:
+        raise ValueError(f"unknown shard format {kind!r} (known: {', '.join(FORMATS)}); import the module that "
+                         "registers it")
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise UserError(f"{root} is not a finished shard folder: {MANIFEST} is missing "
-                        f"(run `{MADE_BY.get(kind, 'd2c prepare')}` into it, or let an interrupted run finish)")
+                        f"(run `{FORMATS[kind].made_by}` into it, or let an interrupted run finish)")
     manifest = read_json_object(path, _remake({"format": kind}, root))
     if manifest.get("format") != kind:
         raise UserError(f"{path}: expected a {kind} manifest, found format {manifest.get('format')!r}")
@@ -155,7 +172,7 @@ def load_manifest(root: str | Path, kind: str = "d2c-image-shards", verify: bool
             and s["samples"] >= 0 and "/" not in s["file"] for s in shards):
         raise UserError(f"{path}: no valid 'shards' list (each entry needs 'file' and 'samples'); "
                         f"{_remake(manifest, root)}")
-    absent = [key for key in REQUIRED.get(kind, ()) if key not in manifest]
+    absent = [key for key in FORMATS[kind].required if key not in manifest]
     if absent or not isinstance(manifest.get("classes"), list):
         raise UserError(f"{path}: incomplete manifest (missing or invalid: {', '.join(absent or ['classes'])}); "
                         f"{_remake(manifest, root)}")

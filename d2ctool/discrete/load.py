@@ -9,13 +9,12 @@ from pathlib import Path
 
 from torch import nn
 
-from d2ctool.checkpoints import load_file, load_strict, unwrap
+from d2ctool.checkpoints import CHECKPOINT_FORMAT, load_file, load_strict, run_checkpoint, unwrap
 from d2ctool.config import build
-from d2ctool.discrete.config import GPTConfig, RARConfig, StageOneConfig
+from d2ctool.discrete.config import GPTConfig, RARConfig, StageOneConfig, preset
 from d2ctool.discrete.model import GPT
 from d2ctool.discrete.rar import POSITION_ROWS_EXTRA, RAR
 from d2ctool.errors import UserError
-from d2ctool.training.trainer import CHECKPOINT_FORMAT, run_checkpoint
 
 # LlamaGen's sampler reads "model", also a raw state dict, "module" or "state_dict"; rar_*.bin is a raw state dict
 OFFICIAL_KEYS = ("model", "module", "state_dict")
@@ -31,6 +30,12 @@ def build_model(cfg: StageOneConfig) -> GPT | RAR:
     """The stage-1 model of a config (e.g. `build_model(data_config(preset("rar-b"), 1024, 16, 1000))`)."""
     cfg.check()
     return FAMILIES[family(cfg)][1](cfg)
+
+
+def stage1_from_preset(name: str, vocab_size: int, grid: int, num_classes: int) -> GPT | RAR:
+    """A freshly initialised stage-1 model of preset `name` (gpt-* or rar-*) for this vocabulary, token grid
+    and number of classes."""
+    return build_model(data_config(preset(name), vocab_size, grid, num_classes))
 
 
 def model_record(cfg: StageOneConfig) -> dict:

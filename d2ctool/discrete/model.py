@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d2ctool.discrete.blocks import KVCache, causal_attention, code_loss, code_step_cost, drop_labels
 from d2ctool.discrete.config import GPTConfig
+from d2ctool.training.cost import StepCost
 
 
 class RMSNorm(nn.Module):
@@ -54,37 +56,6 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return rotated.flatten(3).type_as(x)
 
 
-def drop_labels(labels: torch.Tensor, probability: float, null_class: int) -> torch.Tensor:
-    """Replace a `probability` fraction of labels by the null class (training, for classifier-free guidance)."""
-    drop = torch.rand(labels.shape, device=labels.device) < probability
-    return torch.where(drop, torch.full_like(labels, null_class), labels)
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     cache: tuple[torch.Tensor, torch.Tensor] | None, positions: torch.Tensor | None,
-                     dropout: float = 0.0) -> torch.Tensor:
-    """SDPA over q, k, v [B, H, T, D]: plain causal attention (positions None), or, with a static KV cache
-    [B_max, H, T_max, D], write k/v at `positions` and attend to every cached position up to each query's own."""
-    if positions is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-    b = q.shape[0]
-    k_cache, v_cache = cache
-    k_cache[:b, :, positions] = k.to(k_cache.dtype)
-    v_cache[:b, :, positions] = v.to(v_cache.dtype)
-    end = int(positions[-1]) + 1
-    mask = positions[:, None] >= torch.arange(end, device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k_cache[:b, :, :end].to(q.dtype), v_cache[:b, :, :end].to(q.dtype),
-                                          attn_mask=mask)
-
-
-def new_cache(batch_size: int, n_head: int, length: int, head_dim: int, like: torch.Tensor,
-              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """An empty static K/V pair [B, H, length, head_dim] on `like`'s device."""
-    shape = (batch_size, n_head, length, head_dim)
-    dtype = dtype or like.dtype
-    return torch.zeros(shape, dtype=dtype, device=like.device), torch.zeros(shape, dtype=dtype, device=like.device)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -93,14 +64,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.attn_dropout = cfg.attn_dropout
         self.resid_dropout = nn.Dropout(cfg.resid_dropout)
-        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None  # static K/V [B, H, T_max, D]
+        self.kv_cache: KVCache | None = None  # during generation
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.wqkv(x).view(b, t, 3, self.n_head, self.head_dim).unbind(2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (y.transpose(1, 2) for y in (q, k, v))
-        y = causal_attention(q, k, v, self.cache, positions, self.attn_dropout if self.training else 0.0)
+        y = causal_attention(q, k, v, self.kv_cache, positions, self.attn_dropout if self.training else 0.0)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(b, t, d)))
 
 
@@ -133,11 +104,6 @@ class LabelEmbedder(nn.Module):
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + 1, dim)  # last row: the CFG null class
-
-
-def code_loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of next-code logits [B, N, vocab] against the codes [B, N] (GPT and RAR alike)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
 
 
 class GPT(nn.Module):
@@ -185,15 +151,20 @@ class GPT(nn.Module):
     def loss(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return code_loss(self(codes, labels), codes)
 
+    def step_cost(self, batch: int = 2) -> StepCost:
+        """FLOPs and saved activations of one training step (`loss`) per image, on this model's device."""
+        return code_step_cost(self, batch)
+
     # ---- generation with a static KV cache -------------------------------------------------------
     def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> None:
+        weight = self.tok_embeddings.weight
         for layer in self.layers:
-            layer.attention.cache = new_cache(batch_size, self.cfg.n_head, 1 + self.cfg.grid**2,
-                                              self.cfg.dim // self.cfg.n_head, self.tok_embeddings.weight, dtype)
+            layer.attention.kv_cache = KVCache(batch_size, self.cfg.n_head, 1 + self.cfg.grid**2,
+                                               self.cfg.dim // self.cfg.n_head, dtype or weight.dtype, weight.device)
 
     def clear_cache(self) -> None:
         for layer in self.layers:
-            layer.attention.cache = None
+            layer.attention.kv_cache = None
 
     def forward_cached(self, tokens: torch.Tensor | None, labels: torch.Tensor | None,
                        positions: torch.Tensor) -> torch.Tensor:

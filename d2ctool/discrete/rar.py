@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d2ctool.discrete.blocks import KVCache, causal_attention, code_loss, code_step_cost, drop_labels
 from d2ctool.discrete.config import RARConfig
-from d2ctool.discrete.model import causal_attention, code_loss, drop_labels, new_cache
+from d2ctool.training.cost import StepCost
 
 # The released tables have spare rows: position tables N + 1024, the adaLN step table N + 100.
 POSITION_ROWS_EXTRA = 1024
@@ -43,13 +44,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.attn_dropout = cfg.attn_dropout
         self.proj_drop = nn.Dropout(cfg.resid_dropout)
-        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.kv_cache: KVCache | None = None  # during generation
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
-        y = causal_attention(q, k, v, self.cache, positions, self.attn_dropout if self.training else 0.0)
+        y = causal_attention(q, k, v, self.kv_cache, positions, self.attn_dropout if self.training else 0.0)
         return self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
 
 
@@ -180,16 +181,21 @@ class RAR(nn.Module):
     def loss(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return code_loss(self(codes, labels), codes)
 
+    def step_cost(self, batch: int = 2) -> StepCost:
+        """FLOPs and saved activations of one training step (`loss`) per image, on this model's device."""
+        return code_step_cost(self, batch)
+
     # ---- generation in raster order with a static KV cache --------------------------------------
     def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> None:
         for block in self.blocks:
-            block.attn.cache = new_cache(batch_size, self.cfg.n_head, 1 + self.cfg.grid**2,
-                                         self.cfg.dim // self.cfg.n_head, self.cls_token, dtype)
+            block.attn.kv_cache = KVCache(batch_size, self.cfg.n_head, 1 + self.cfg.grid**2,
+                                          self.cfg.dim // self.cfg.n_head, dtype or self.cls_token.dtype,
+                                          self.cls_token.device)
 
     def clear_cache(self) -> None:
         self._cond = None
         for block in self.blocks:
-            block.attn.cache = None
+            block.attn.kv_cache = None
 
     def _cached(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         c = self._cond[:, None] + self.timesteps_embeddings[0, positions]

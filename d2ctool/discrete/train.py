@@ -17,26 +17,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from d2ctool.data.reader import ShardReader
-from d2ctool.data.shards import load_manifest, read_npy
+from d2ctool.data.encoded import EncodedManifest, sample_codes
 from d2ctool.discrete.config import DiscreteConfig, preset
 from d2ctool.discrete.generate import generate
 from d2ctool.discrete.load import build_model, check_compatible, data_config, family, load_stage1, model_record
-from d2ctool.discrete.model import code_loss
+from d2ctool.discrete.blocks import code_loss
 from d2ctool.discrete.rar import RAR
 from d2ctool.errors import UserError
 from d2ctool.tokenizers.load import load_tokenizer
+from d2ctool.training.stage import EncodedShardsTask
 from d2ctool.training.trainer import Trainer, TrainResult
 from d2ctool.visual import save_grid, to_uint8
 
-ENCODED = "d2c-encoded-shards"
-
-
-def model_config_for_data(cfg: DiscreteConfig, manifest: dict):
+def model_config_for_data(cfg: DiscreteConfig, manifest: EncodedManifest):
     """The preset (GPT or RAR) with the data's vocabulary (the VQ codebook), token grid and classes, and the
     recipe's dropouts."""
-    model_cfg = data_config(preset(cfg.model), manifest["tokenizers"]["vq"]["codebook_size"], manifest["grid"][0],
-                            len(manifest["classes"]))
+    model_cfg = data_config(preset(cfg.model), manifest.codebook_size, manifest.grid, manifest.num_classes)
     dropouts = {"class_dropout": cfg.class_dropout, "resid_dropout": cfg.resid_dropout, "ffn_dropout": cfg.ffn_dropout}
     if family(model_cfg) == "rar":
         dropouts["attn_dropout"] = cfg.attn_dropout
@@ -50,21 +46,17 @@ def model_config_for_data(cfg: DiscreteConfig, manifest: dict):
     return model_cfg
 
 
-class DiscreteTask:
+class DiscreteTask(EncodedShardsTask):
     name = "train-discrete"
 
     def __init__(self, cfg: DiscreteConfig):
-        if not cfg.data:
-            raise UserError("discrete.data is not set: give the encoded shards (`d2c encode` output)")
-        self.cfg = cfg
-        self.manifest = load_manifest(cfg.data, ENCODED)
-        vq = self.manifest["tokenizers"]["vq"]
-        self.classes = self.manifest["classes"]
+        super().__init__(cfg, "discrete")
+        self.classes = self.manifest.classes
         model_cfg = model_config_for_data(cfg, self.manifest)
         cfg.sampling.resolved()  # an unknown sampling preset fails now, not at the first grid
         self.model_config = model_record(model_cfg)
         self._model_cfg = model_cfg
-        self._vq_record = vq
+        self._vq_record = self.manifest.vq
         self._vq = None
 
     def build_model(self) -> nn.Module:
@@ -78,20 +70,13 @@ class DiscreteTask:
         if isinstance(model, RAR):  # RAR's permutation anneal, at the 0-based optimizer step about to run
             model.random_ratio.fill_(self.cfg.permutation.probability(step))
 
-    def reader(self, epoch: int, rank: int, world: int, seed: int, shuffle_buffer: int) -> ShardReader:
-        return ShardReader(self.cfg.data, rank, world, shuffle=True, seed=seed, epoch=epoch,
-                           shuffle_buffer=shuffle_buffer, manifest_kind=ENCODED)
-
     def decode(self, members: dict, rng: np.random.Generator):
-        codes = read_npy(members["codes.npy"])[int(rng.integers(2))]  # original or h-flipped
-        return torch.from_numpy(codes.astype(np.int64)), int(members["cls"])
+        codes = sample_codes(members, int(rng.integers(2)))  # original or h-flipped
+        return torch.from_numpy(codes), int(members["cls"])
 
     def loss(self, model, batch, device):
         codes, labels = (t.to(device, non_blocking=True) for t in batch)
         return code_loss(model(codes, labels), codes), {}
-
-    def after_step(self, model, step: int) -> None:
-        pass
 
     def vq(self, device: torch.device):
         if self._vq is None:
@@ -107,9 +92,6 @@ class DiscreteTask:
         g = model.cfg.grid
         images = self.vq(device).decode_codes(codes.view(-1, g, g))
         save_grid(path, to_uint8(images), 4, [self.classes[int(c)][:12] for c in classes])
-
-    def finish(self, model: nn.Module, run_dir: Path, device: torch.device) -> dict:
-        return {"grid": str(run_dir / "grids")}
 
 
 def check_vq_available(task: DiscreteTask) -> None:

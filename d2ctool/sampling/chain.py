@@ -22,21 +22,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from d2ctool.checkpoints import LoadedWeights
+from d2ctool.checkpoints import CHECKPOINT_FORMAT, LoadedWeights, load_file, run_checkpoint
 from d2ctool.continuous.load import load_mar
 from d2ctool.continuous.sample import check_settings, sample_latents
-from d2ctool.data.reader import ShardReader
-from d2ctool.data.shards import read_npy
+from d2ctool.data.encoded import EncodedManifest, first_samples, read_manifest
 from d2ctool.discrete.config import preset as stage1_preset
 from d2ctool.discrete.generate import generate
 from d2ctool.discrete.load import data_config, family, load_stage1
 from d2ctool.errors import UserError
-from d2ctool.sampling.config import SampleConfig
+from d2ctool.sampling.config import MODES, SampleConfig
 from d2ctool.tokenizers.config import TokenizersConfig
 from d2ctool.tokenizers.kl import posterior_latents
 from d2ctool.tokenizers.latent_norm import LatentNorm
 from d2ctool.tokenizers.load import load_tokenizer
-from d2ctool.training.trainer import CHECKPOINT_FORMAT, run_checkpoint
 from d2ctool.visual import to_uint8
 
 
@@ -45,7 +43,7 @@ class Chain:
     cfg: SampleConfig
     device: torch.device
     num_classes: int
-    gpt: torch.nn.Module | None = None  # the stage-1 model: LlamaGen's GPT or RAR
+    gpt: torch.nn.Module | None = None  # the stage-1 model: LlamaGen's GPT or RAR (the name is historical)
     mar: torch.nn.Module | None = None
     vq: torch.nn.Module | None = None
     kl: torch.nn.Module | None = None
@@ -56,16 +54,11 @@ class Chain:
 
     @property
     def uses_stage1(self) -> bool:
-        return uses_stage(self.cfg.mode, "stage1")
+        return MODES[self.cfg.mode].stage1
 
     @property
     def uses_stage2(self) -> bool:
-        return uses_stage(self.cfg.mode, "stage2")
-
-
-def uses_stage(mode: str, stage: str) -> bool:
-    """Whether sampling mode `mode` runs `stage` ("stage1": the discrete AR model, "stage2": MAR)."""
-    return mode in {"stage1": ("two-stage", "discrete-only"), "stage2": ("two-stage", "continuous-only", "oracle-codes")}[stage]
+        return MODES[self.cfg.mode].stage2
 
 
 POSTERIOR_MEANS = LatentNorm.scalar(1.0, "none: the tokenizer's own posterior means")
@@ -78,8 +71,6 @@ def _require(value, what: str, mode: str):
 
 
 def _is_our_run(path: str) -> bool:
-    from d2ctool.checkpoints import load_file
-
     return load_file(run_checkpoint(path)).get("format") == CHECKPOINT_FORMAT
 
 
@@ -121,16 +112,16 @@ def _check_stage1_fits_vq(stage1, path: str, vq, vq_path: str | None, grid: int 
 
 def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.device) -> Chain:
     """Load what the mode needs and check that the pieces fit together, before any sampling."""
-    mode = cfg.mode
+    mode, needs = cfg.mode, MODES[cfg.mode]
     vq = kl = gpt = mar = vq_info = kl_info = norm = None
     loaded = {}
-    if mode in ("two-stage", "discrete-only", "vq-reconstruction"):
+    if needs.uses_vq:
         vq, vq_info = load_tokenizer("vq", tokenizers.vq.preset, tokenizers.vq.checkpoint)
         loaded["vq"] = vq_info.record()
-    if mode in ("two-stage", "continuous-only", "oracle-codes", "kl-reconstruction"):
+    if needs.uses_kl:
         kl, kl_info = load_tokenizer("kl", tokenizers.kl.preset, tokenizers.kl.checkpoint)
         loaded["kl"] = kl_info.record()
-    if mode in ("two-stage", "discrete-only"):
+    if needs.stage1:
         path = _require(cfg.discrete, "sample.discrete (a train-discrete run, LlamaGen's c2i_*.pt or RAR's rar_*.bin)",
                         mode)
         official = grid = None
@@ -142,22 +133,22 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
         loaded["stage1"] = {**info, "family": family(gpt.cfg), "config": dataclasses.asdict(gpt.cfg),
                             "sampling": dataclasses.asdict(cfg.stage1.resolved())}
         _check_stage1_fits_vq(gpt.cfg, path, vq, tokenizers.vq.checkpoint, grid)
-    if mode in ("two-stage", "continuous-only", "oracle-codes"):
+    if needs.stage2:
         path = _require(cfg.continuous, "sample.continuous (a train-continuous run or MAR's mar_*.pth)", mode)
         mar, stage2_info = load_mar(cfg.continuous_preset, path, use_ema=cfg.use_ema)
         check_settings(cfg.stage2, mar)
         loaded["stage2"] = stage2_info.record()
         fused = mar.cfg.fusion != "none"
-        if mode == "continuous-only" and fused:
+        if needs.fused is False and fused:
             raise UserError(f"mode continuous-only needs a stage-2 model with fusion none (the MAR baseline); this one "
                             f"uses fusion {mar.cfg.fusion} and needs codes: use mode two-stage or oracle-codes")
-        if mode in ("two-stage", "oracle-codes") and not fused:
+        if needs.fused and not fused:
             raise UserError(f"mode {mode} conditions stage 2 on discrete codes, but this stage-2 model has fusion "
                             "none: use mode continuous-only for it, or a model trained with a fusion")
         if mar.cfg.latent_channels != kl.cfg.embed_dim:
             raise UserError(f"the stage-2 model makes {mar.cfg.latent_channels}-channel latents but the KL tokenizer "
                             f"decodes {kl.cfg.embed_dim}: give the tokenizer it was trained with")
-    if mode == "two-stage":
+    if needs.stage1 and needs.stage2:
         if (gpt.cfg.vocab_size, gpt.cfg.grid) != (mar.cfg.code_vocab, mar.cfg.code_size):
             raise UserError(f"stage 1 ({cfg.discrete}) makes {gpt.cfg.grid}x{gpt.cfg.grid} codes of "
                             f"{gpt.cfg.vocab_size}, but stage 2 ({cfg.continuous}) was trained on "
@@ -170,10 +161,10 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
         norm = stage2_latent_norm(stage2_info, kl, kl_info, vq_info if mar.cfg.fusion != "none" else None)
         loaded["latent_norm"] = norm.record()
     oracle = real_latents = None
-    if mode == "oracle-codes":
+    if needs.real_images and needs.stage2:
         data = _require(cfg.oracle_data, "sample.oracle_data (encoded shards)", mode)
         oracle = _oracle_codes(data, mar, cfg.num_images, stage2_info.trained_on)
-    elif mode in ("vq-reconstruction", "kl-reconstruction"):
+    elif needs.real_images:
         data = _require(cfg.oracle_data, "sample.oracle_data (encoded shards of real images)", mode)
         oracle, real_latents = _real_images(data, cfg.num_images, vq_info if vq is not None else kl_info)
     if oracle is not None:
@@ -191,45 +182,40 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
 
 
 def _oracle_codes(data: str, mar, count: int, trained_on: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
-    reader = ShardReader(data, 0, 1, manifest_kind="d2c-encoded-shards")
-    vq = reader.manifest["tokenizers"]["vq"]
+    manifest = read_manifest(data)
+    vq = manifest.vq
     if trained_on is not None and vq["sha256"] != trained_on["vq"]["sha256"]:
         raise UserError(f"{data} holds the codes of the vq tokenizer {_side(vq)}, but stage 2 was trained on those "
                         f"of {_side(trained_on['vq'])}: give encoded shards of the tokenizer it was trained with")
-    if (vq["codebook_size"], reader.manifest["grid"][0]) != (mar.cfg.code_vocab, mar.cfg.code_size):
-        raise UserError(f"{data} holds {reader.manifest['grid'][0]}x{reader.manifest['grid'][0]} codes of "
-                        f"{vq['codebook_size']}, but stage 2 was trained on {mar.cfg.code_size}x{mar.cfg.code_size} "
+    if (manifest.codebook_size, manifest.grid) != (mar.cfg.code_vocab, mar.cfg.code_size):
+        raise UserError(f"{data} holds {manifest.grid}x{manifest.grid} codes of "
+                        f"{manifest.codebook_size}, but stage 2 was trained on {mar.cfg.code_size}x{mar.cfg.code_size} "
                         f"codes of {mar.cfg.code_vocab}")
-    (codes, labels), _ = _first_images(reader, count, with_means=False, what="oracle-codes: ")
+    (codes, labels), _ = _first_images(manifest, count, with_means=False, what="oracle-codes: ")
     return codes, labels
 
 
 def _real_images(data: str, count: int, tokenizer: LoadedWeights):
     """((codes [N, L], labels [N]), posterior means [N, C, h, w] or None) of the first `count` images of
     encoded shards (original view), which must come from `tokenizer` (the one that decodes them)."""
-    reader = ShardReader(data, 0, 1, manifest_kind="d2c-encoded-shards")
-    theirs = reader.manifest["tokenizers"][tokenizer.kind]
+    manifest = read_manifest(data)
+    theirs = manifest.tokenizer(tokenizer.kind)
     if theirs.get("sha256") != tokenizer.sha256:
         raise UserError(f"{data} was encoded with the {tokenizer.kind} tokenizer {_side(theirs)}, but "
                         f"tokenizers.{tokenizer.kind} is {_side(tokenizer.record())}: give the tokenizer it was "
                         "encoded with")
-    return _first_images(reader, count, with_means=tokenizer.kind == "kl")
+    return _first_images(manifest, count, with_means=tokenizer.kind == "kl")
 
 
-def _first_images(reader: ShardReader, count: int, with_means: bool, what: str = ""):
+def _first_images(manifest: EncodedManifest, count: int, with_means: bool, what: str = ""):
     """((codes [N, L], labels [N]), posterior means [N, C, h, w] or None) of the first `count` images of
     encoded shards, original view."""
-    if len(reader) < count:
-        raise UserError(f"{what}{reader.root} holds {len(reader)} images, fewer than sample.num_images {count}")
-    codes, labels, means = [], [], []
-    for _, members in reader.raw():
-        codes.append(read_npy(members["codes.npy"])[0].astype(np.int64))
-        labels.append(int(members["cls"]))
-        if with_means:
-            means.append(posterior_latents(torch.from_numpy(read_npy(members["moments.npy"])[:1]), None)[0])
-        if len(codes) == count:
-            break
-    return (torch.from_numpy(np.stack(codes)), torch.tensor(labels)), torch.stack(means) if means else None
+    if manifest.num_samples < count:
+        raise UserError(f"{what}{manifest.root} holds {manifest.num_samples} images, fewer than sample.num_images "
+                        f"{count}")
+    codes, labels, moments = first_samples(manifest.root, count, with_moments=with_means)
+    means = posterior_latents(torch.from_numpy(moments), None) if with_means else None
+    return (torch.from_numpy(codes), torch.from_numpy(labels)), means
 
 
 def make_labels(cfg: SampleConfig, num_classes: int, chain: Chain | None = None) -> np.ndarray:

@@ -9,13 +9,43 @@ from d2ctool.config import bounded, nested
 from d2ctool.continuous.config import ContinuousSamplingConfig
 from d2ctool.discrete.config import SamplingConfig
 
-MODES = ("two-stage", "discrete-only", "continuous-only", "oracle-codes", "vq-reconstruction", "kl-reconstruction")
+@dataclass(frozen=True)
+class Mode:
+    """What a sampling mode runs and reads: the one table behind `d2c plan`, `build_chain` and the chain."""
+
+    stage1: bool  # codes from the stage-1 model
+    stage2: bool  # latents from the stage-2 model
+    decoder: Literal["vq", "kl"]  # the tokenizer that turns the output into pixels
+    real_images: bool = False  # reads encoded shards of real images (sample.oracle_data)
+    fused: bool | None = None  # stage 2 must condition on codes (True) or must not (False); None: no stage 2
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The training stages (recipe sections) whose models the mode samples from."""
+        return ("discrete",) * self.stage1 + ("continuous",) * self.stage2
+
+    @property
+    def uses_vq(self) -> bool:  # stage 1's codes must be the VQ tokenizer's
+        return self.stage1 or self.decoder == "vq"
+
+    @property
+    def uses_kl(self) -> bool:  # stage 2's latents are the KL tokenizer's
+        return self.stage2 or self.decoder == "kl"
+
+
+MODES = {
+    "two-stage": Mode(stage1=True, stage2=True, decoder="kl", fused=True),
+    "discrete-only": Mode(stage1=True, stage2=False, decoder="vq"),  # the LlamaGen baseline
+    "continuous-only": Mode(stage1=False, stage2=True, decoder="kl", fused=False),  # the MAR baseline
+    "oracle-codes": Mode(stage1=False, stage2=True, decoder="kl", real_images=True, fused=True),  # stage 2's ceiling
+    "vq-reconstruction": Mode(stage1=False, stage2=False, decoder="vq", real_images=True),  # the tokenizers' ceilings
+    "kl-reconstruction": Mode(stage1=False, stage2=False, decoder="kl", real_images=True),
+}
 
 
 @dataclass
 class SampleConfig:
-    mode: Literal["two-stage", "discrete-only", "continuous-only", "oracle-codes", "vq-reconstruction",
-                  "kl-reconstruction"] = "two-stage"
+    mode: Literal[tuple(MODES)] = "two-stage"
     discrete: str | None = None  # stage 1: a train-discrete run folder, or LlamaGen's c2i_*_256.pt
     discrete_preset: str = "gpt-b"  # architecture of an official stage-1 file
     continuous: str | None = None  # stage 2: a train-continuous run folder, our checkpoint, or MAR's mar_*.pth

@@ -11,6 +11,15 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def run_checkpointed(module: nn.Module, x: torch.Tensor, on: bool) -> torch.Tensor:
+    """module(x); with `on` (an encoder's or decoder's `gradient_checkpointing`, set by the trainer) its
+    activations are recomputed in backward instead of kept."""
+    if on and torch.is_grad_enabled():
+        return checkpoint(module, x, use_reentrant=False)
+    return module(x)
 
 
 def normalize(channels: int) -> nn.GroupNorm:
@@ -128,11 +137,12 @@ class Encoder(nn.Module):
         self.mid = _middle(channels, dropout, naming)
         self.norm_out = normalize(channels)
         self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in getattr(self, self.levels_name):
-            h = level(h)
+            h = run_checkpointed(level, h, self.gradient_checkpointing)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid(h)
@@ -167,11 +177,12 @@ class Decoder(nn.Module):
             self.up = nn.ModuleList(reversed(processing))
         self.norm_out = normalize(channels)
         self.conv_out = nn.Conv2d(channels, 3, 3, padding=1)
+        self.gradient_checkpointing = False
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for level in (self.conv_blocks if self.naming == "llamagen" else reversed(self.up)):
-            h = level(h)
+            h = run_checkpointed(level, h, self.gradient_checkpointing)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))

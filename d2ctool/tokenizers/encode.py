@@ -28,6 +28,7 @@ from d2ctool import __version__, distributed
 from d2ctool.config import to_dict
 from d2ctool.data.reader import decode_image, image_member
 from d2ctool.data.members import SampleCheck
+from d2ctool.data.encoded import FORMAT
 from d2ctool.data.shards import iter_tar, load_manifest, npy_bytes, read_npy, read_shard, write_tar
 from d2ctool.data.transforms import adm_center_crop
 from d2ctool.errors import UserError
@@ -39,7 +40,6 @@ from d2ctool.tokenizers.kl import posterior_latents
 from d2ctool.tokenizers.latent_norm import LatentNorm, channel_stats, load_stats, save_stats
 from d2ctool.tokenizers.load import load_tokenizer
 
-FORMAT = "d2c-encoded-shards"
 
 
 @dataclass

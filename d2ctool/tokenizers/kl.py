@@ -101,3 +101,16 @@ def posterior_latents(moments: torch.Tensor, noise: torch.Tensor | None) -> torc
     if noise is not None:
         mean = mean + torch.exp(0.5 * logvar) * noise
     return mean
+
+
+PRESETS = {
+    "kl-16": KLConfig(),  # MAR kl16
+    "kl-tiny-s4": KLConfig(embed_dim=4, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, encoder_attn_levels=[2],
+                           scale_factor=1.0),
+    "kl-tiny-s8": KLConfig(embed_dim=4, ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1, encoder_attn_levels=[3],
+                           scale_factor=1.0),
+    # LightningDiT vavae-imagenet256-f16d32-dinov2.pt; its latents are normalised per channel
+    "vavae-f16d32": KLConfig(embed_dim=32, decoder_attn_levels=[4], latent_norm="channel", scale_factor=1.0),
+    "vavae-tiny-s4": KLConfig(embed_dim=8, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, encoder_attn_levels=[2],
+                              decoder_attn_levels=[2], latent_norm="channel", scale_factor=1.0),
+}

@@ -19,34 +19,13 @@ from d2ctool.config import ConfigError, build
 from d2ctool.errors import UserError
 from d2ctool.io import atomic_path, sha256_file
 from d2ctool.progress import info as log
+from d2ctool.tokenizers import kl, maskgit, vq
 from d2ctool.tokenizers.kl import AutoencoderKL, KLConfig
 from d2ctool.tokenizers.maskgit import MaskGITConfig, MaskGITVQ
 from d2ctool.tokenizers.vq import VQConfig, VQModel
 
-PRESETS = {
-    "vq": {
-        "vq-16": VQConfig(),  # LlamaGen VQ_16
-        "vq-8": VQConfig(ch_mult=[1, 2, 2, 4]),  # LlamaGen VQ_8
-        "vq-tiny-s4": VQConfig(codebook_size=512, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=32,
-                               usage_window=4096),
-        "vq-tiny-s8": VQConfig(codebook_size=512, ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1, z_channels=32,
-                               usage_window=4096),
-        "maskgit-f16": MaskGITConfig(),  # bytedance/1d-tokenizer maskgit-vqgan-imagenet-f16-256.bin
-        "maskgit-tiny-s4": MaskGITConfig(codebook_size=256, codebook_dim=32, ch=32, ch_mult=[1, 2, 2],
-                                         num_res_blocks=1),
-    },
-    "kl": {
-        "kl-16": KLConfig(),  # MAR kl16
-        "kl-tiny-s4": KLConfig(embed_dim=4, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, encoder_attn_levels=[2],
-                               scale_factor=1.0),
-        "kl-tiny-s8": KLConfig(embed_dim=4, ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1, encoder_attn_levels=[3],
-                               scale_factor=1.0),
-        # LightningDiT vavae-imagenet256-f16d32-dinov2.pt; its latents are normalised per channel
-        "vavae-f16d32": KLConfig(embed_dim=32, decoder_attn_levels=[4], latent_norm="channel", scale_factor=1.0),
-        "vavae-tiny-s4": KLConfig(embed_dim=8, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, encoder_attn_levels=[2],
-                                  decoder_attn_levels=[2], latent_norm="channel", scale_factor=1.0),
-    },
-}
+# every family's sizes stand at the bottom of its model file
+PRESETS = {"vq": {**vq.PRESETS, **maskgit.PRESETS}, "kl": kl.PRESETS}
 # architecture name -> (kind, config class, model class); our own checkpoints record the name
 ARCHITECTURES = {model.architecture: (kind, cfg, model) for kind, cfg, model in
                  (("vq", VQConfig, VQModel), ("vq", MaskGITConfig, MaskGITVQ), ("kl", KLConfig, AutoencoderKL))}
@@ -73,6 +52,11 @@ def build_tokenizer(kind: str, cfg) -> torch.nn.Module:
             assert arch_kind == kind, f"a {type(cfg).__name__} is a {arch_kind} config, not {kind}"
             return model_class(cfg)
     raise TypeError(f"no tokenizer architecture takes a {type(cfg).__name__}")
+
+
+def tokenizer_from_preset(kind: str, preset: str) -> torch.nn.Module:
+    """A freshly initialised tokenizer of `preset` ("vq" or "kl" `kind`)."""
+    return build_tokenizer(kind, preset_config(kind, preset))
 
 
 def drop_training_only(kind: str, state_dict: dict, expected: dict) -> tuple[dict, dict[str, int]]:

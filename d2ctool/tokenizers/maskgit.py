@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2ctool.config import bounded
-from d2ctool.tokenizers.blocks import normalize
-from d2ctool.tokenizers.vq import SEARCH_CHUNK, nearest_codes
+from d2ctool.tokenizers.blocks import normalize, run_checkpointed
+from d2ctool.tokenizers.quantize import nearest_code_indices, nearest_codes
 
 
 @dataclass
@@ -99,11 +99,12 @@ class Encoder(nn.Module):
         self.mid = _stack(widths[-1], n, cfg.dropout)
         self.norm_out = normalize(widths[-1])
         self.conv_out = _conv(widths[-1], cfg.codebook_dim, 1, bias=True)
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for layer in (*self.down, *self.mid):
-            h = layer(h)
+            h = run_checkpointed(layer, h, self.gradient_checkpointing)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -120,11 +121,12 @@ class Decoder(nn.Module):
                                       "up" if i > 0 else None) for i in range(len(mult)))
         self.norm_out = normalize(ch * mult[0])
         self.conv_out = _conv(ch * mult[0], 3, 3, bias=True)
+        self.gradient_checkpointing = False
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
         for layer in (*self.mid, *reversed(self.up)):
-            h = layer(h)
+            h = run_checkpointed(layer, h, self.gradient_checkpointing)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -141,13 +143,7 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Indices of the nearest codes for vectors z [N, dim] (float32): argmin of |z|^2 + |e|^2 - 2 z.e."""
-        codebook = self.embedding.weight.float()
-        code_sq = (codebook**2).sum(1)
-        out = []
-        for chunk in z.float().split(SEARCH_CHUNK):
-            dist = torch.addmm((chunk**2).sum(1, keepdim=True) + code_sq, chunk, codebook.t(), alpha=-2.0)
-            out.append(dist.argmin(1))
-        return torch.cat(out)
+        return nearest_code_indices(z, self.embedding.weight)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices [B, h, w] -> code vectors [B, dim, h, w]."""
@@ -205,3 +201,9 @@ class MaskGITVQ(nn.Module):
                "latents": z.detach().reshape(-1, d)}
         z_q = z + (z_q - z).detach()
         return self.decoder(z_q.permute(0, 3, 1, 2)) * 2 - 1, indices, aux
+
+
+PRESETS = {
+    "maskgit-f16": MaskGITConfig(),  # bytedance/1d-tokenizer maskgit-vqgan-imagenet-f16-256.bin
+    "maskgit-tiny-s4": MaskGITConfig(codebook_size=256, codebook_dim=32, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1),
+}

@@ -14,9 +14,7 @@ from torch import nn
 
 from d2ctool.config import bounded
 from d2ctool.tokenizers.blocks import Decoder, Encoder
-
-# nearest-code search in chunks of this many vectors: bounds the [chunk, codebook] distance matrix
-SEARCH_CHUNK = 4096
+from d2ctool.tokenizers.quantize import nearest_code_indices, nearest_codes
 
 
 @dataclass
@@ -36,13 +34,6 @@ class VQConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
-def nearest_codes(quantize: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Latent [B, d, h, w] -> code indices [B, h, w] by `quantize.nearest`, in float32 even under autocast."""
-    b, d, h, w = z.shape
-    with torch.autocast(z.device.type, enabled=False):
-        return quantize.nearest(z.permute(0, 2, 3, 1).reshape(-1, d)).view(b, h, w)
-
-
 class VectorQuantizer(nn.Module):
     def __init__(self, size: int, dim: int, usage_window: int):
         super().__init__()
@@ -55,14 +46,7 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Indices of the nearest codes for vectors z [N, dim], both sides l2-normalised (float32)."""
-        z = F.normalize(z.float(), dim=-1)
-        codebook = self.codebook().float()
-        code_sq = (codebook**2).sum(1)
-        out = []
-        for chunk in z.split(SEARCH_CHUNK):
-            dist = (chunk**2).sum(1, keepdim=True) + code_sq - 2 * chunk @ codebook.t()
-            out.append(dist.argmin(1))
-        return torch.cat(out)
+        return nearest_code_indices(F.normalize(z.float(), dim=-1), self.codebook())
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices [B, h, w] -> quantised latents [B, dim, h, w]."""
@@ -120,3 +104,13 @@ class VQModel(nn.Module):
                "latents": z.detach().reshape(-1, d)}
         z_q = z + (z_q - z).detach()
         return self.decode_latent(z_q.permute(0, 3, 1, 2)), indices, aux
+
+
+PRESETS = {
+    "vq-16": VQConfig(),  # LlamaGen VQ_16
+    "vq-8": VQConfig(ch_mult=[1, 2, 2, 4]),  # LlamaGen VQ_8
+    "vq-tiny-s4": VQConfig(codebook_size=512, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=32,
+                           usage_window=4096),
+    "vq-tiny-s8": VQConfig(codebook_size=512, ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1, z_channels=32,
+                           usage_window=4096),
+}

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from d2ctool.config import bounded
+from d2ctool.errors import UserError
 
 
 @dataclass
@@ -32,6 +33,23 @@ class TrainConfig:
     num_workers: int = bounded(4, min=0)  # DataLoader worker processes per rank
     shuffle_buffer: int = bounded(1000, min=0)
     device: str | None = None  # default: the local GPU under torchrun, else cuda if present, else cpu
+
+
+def micro_batch(train: TrainConfig, ranks: int, samples_per_rank: int | None = None, *, section: str = "",
+                ranks_name: str = "ranks", who: str = "") -> int:
+    """The per-rank micro-batch of `train` over `ranks`. Fails when the global batch does not divide over
+    ranks × grad_accum, or when `samples_per_rank` (the reader drops the last partial batch) makes no full
+    step. The trainer and `d2c plan` both check here; `section` names the recipe section in messages."""
+    key = f"{section}.train" if section else "train"
+    ranks_accum = ranks * train.grad_accum
+    if train.global_batch_size % ranks_accum:
+        raise UserError(f"{key}.global_batch_size {train.global_batch_size} does not divide over {ranks_name} × "
+                        f"{key}.grad_accum = {ranks} × {train.grad_accum}; choose a multiple of {ranks_accum}")
+    per_rank = train.global_batch_size // ranks_accum
+    if samples_per_rank is not None and samples_per_rank // per_rank < train.grad_accum:
+        raise UserError(f"{who or section}: {samples_per_rank} samples per rank make no full step of {per_rank} × "
+                        f"{train.grad_accum}; lower {key}.global_batch_size")
+    return per_rank
 
 
 @dataclass

@@ -33,15 +33,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from d2ctool import distributed
+from d2ctool.checkpoints import CHECKPOINT_FORMAT, load_file
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.torch_dataset import ShardDataset
 from d2ctool.errors import UserError
 from d2ctool.io import atomic_path, write_event, write_json, write_text
 from d2ctool.progress import Progress, info
 from d2ctool.runstate import clean_temporaries, lock_output
-from d2ctool.training.config import TrainConfig
+from d2ctool.training.config import TrainConfig, micro_batch
 
-CHECKPOINT_FORMAT = "d2c-train-checkpoint"
 SUMMARY = "summary.json"  # written after the final export: its presence means the run is complete
 # train.* fields that may differ when a run is resumed (they do not change what is learned)
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "num_workers", "device"}
@@ -137,15 +137,7 @@ def _gather(obj, world: int) -> list:
     return out
 
 
-def run_checkpoint(path: str | Path) -> Path:
-    """A run folder stands for its checkpoints/last.pt; a file is itself."""
-    path = Path(path)
-    return path / "checkpoints" / "last.pt" if path.is_dir() else path
-
-
 def load_checkpoint(path: Path) -> dict:
-    from d2ctool.checkpoints import load_file
-
     ckpt = load_file(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a d2c training checkpoint")
@@ -228,16 +220,15 @@ class Trainer:
         cfg, task = self.cfg, self.task
         lock_output(self.run_dir)  # one writer per run folder; also proves it is writable before any work
         rank, world, device = distributed.init(cfg.device)
-        if cfg.global_batch_size % (world * cfg.grad_accum):
-            raise UserError(f"train.global_batch_size {cfg.global_batch_size} must divide by ranks × grad_accum = "
-                            f"{world} × {cfg.grad_accum}")
-        local_batch = cfg.global_batch_size // (world * cfg.grad_accum)
+        local_batch = micro_batch(cfg, world)
         autocast = device.type == "cuda" and cfg.precision == "bf16"
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = task.build_model().to(device)
-        if cfg.grad_checkpointing:
-            model.gradient_checkpointing = True
+        if cfg.grad_checkpointing:  # one switch: every module that can recompute its blocks in backward has it
+            for module in model.modules():
+                if hasattr(module, "gradient_checkpointing"):
+                    module.gradient_checkpointing = True
         ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
         optimizer = make_optimizer(model, cfg)
         step = epoch = batch_in_epoch = resumed_from = 0
@@ -288,9 +279,7 @@ class Trainer:
             while True:
                 reader = task.reader(epoch, rank, world, cfg.seed, cfg.shuffle_buffer)
                 dataset = ShardDataset(reader, task.decode, local_batch, seed=cfg.seed, skip_batches=batch_in_epoch)
-                if len(reader) // local_batch < cfg.grad_accum:
-                    raise UserError(f"{task.name}: {len(reader)} samples per rank make no full step of "
-                                    f"{local_batch} × {cfg.grad_accum}; lower train.global_batch_size")
+                micro_batch(cfg, world, len(reader), who=task.name)
                 loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                                     generator=torch.Generator().manual_seed(cfg.seed),
                                     persistent_workers=False, pin_memory=device.type == "cuda")

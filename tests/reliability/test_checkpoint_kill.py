@@ -3,46 +3,28 @@
 The kill is injected deterministically: `D2C_KILL_AT_WRITE=k` makes the training process SIGKILL itself at
 its k-th write event (a temporary file complete, a rename, a metrics line; `d2ctool.io.write_event`). A
 reference run lists the events (`D2C_WRITE_LOG`); the test kills at every event of the last checkpoint
-(metrics line, step file written, renamed, last.pt written, renamed), resumes in-process, and checks the
+(metrics line, step file written, renamed, last.pt written, renamed) through the tests' one kill harness
+(conftest.kill_at_write), resumes in-process, and checks the
 result is the uninterrupted run's: same weights, no temporaries, no duplicated metrics lines."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import kill_at_write, write_events
 from d2ctool.config import to_dict
 from d2ctool.discrete.train import train_discrete
 from d2ctool.io import TMP_SUFFIX
 from d2ctool.recipe import load_recipe, recipe_yaml
-
-REPO = Path(__file__).resolve().parents[2]
-RUN = """
-import sys
-from d2ctool.config import to_dict
-from d2ctool.discrete.train import train_discrete
-from d2ctool.recipe import load_recipe, recipe_yaml
-recipe = load_recipe(None, sys.argv[1:], "discrete")
-train_discrete(recipe.discrete, to_dict(recipe.discrete), recipe_yaml(recipe))
-"""
 
 
 def overrides(data, out):
     return [f"discrete.data={data}", f"discrete.out={out}", "discrete.model=gpt-tiny", "train.global_batch_size=8",
             "train.steps=2", "train.ckpt_every=1", "train.log_every=1", "train.num_workers=0", "train.sample_every=0",
             "train.ema_decay=0.9", "discrete.grid_classes=2"]
-
-
-def train_in_subprocess(data, out, **env):
-    return subprocess.run([sys.executable, "-c", RUN, *overrides(data, out)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}, timeout=300)
 
 
 def train(data, out):
@@ -54,12 +36,8 @@ def train(data, out):
 def reference(tiny_data, tmp_path_factory):
     """An uninterrupted run (in this process), with the list of its write events."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    log = out.parent / "writes.log"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("D2C_WRITE_LOG", str(log))
-        train(tiny_data / "encoded", out)
-    events = [line.split(" ", 2) for line in log.read_text().splitlines()]
-    return out, [(int(n), phase, Path(path).name) for n, phase, path in events]
+    _, events = write_events(lambda: train(tiny_data / "encoded", out), out.parent / "writes.log")
+    return out, [(n, phase, name) for n, (phase, name) in enumerate(events, 1)]
 
 
 def last_checkpoint_events(events):
@@ -73,17 +51,19 @@ def last_checkpoint_events(events):
     return window
 
 
+@pytest.mark.slow
 def test_the_event_log_shows_step_file_before_last(reference):
     last_checkpoint_events(reference[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("position", range(5))
 def test_a_kill_at_any_write_of_a_checkpoint_loses_nothing(tiny_data, reference, tmp_path, position):
     ref_out, events = reference
     k, phase, name = last_checkpoint_events(events)[position]
     out = tmp_path / "run"
-    killed = train_in_subprocess(tiny_data / "encoded", out, D2C_KILL_AT_WRITE=str(k))
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    args = ["train-discrete", *[f"--set={o}" for o in overrides(tiny_data / "encoded", out)]]
+    assert kill_at_write(k, *args, log=tmp_path / "killed.log")[-1] == (phase, name)
     if phase == "written":
         assert list(out.rglob(f"*{TMP_SUFFIX}")), "the kill should leave a temporary behind"
 
@@ -105,6 +85,7 @@ def test_a_kill_at_any_write_of_a_checkpoint_loses_nothing(tiny_data, reference,
     assert (out / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_metrics_of_a_run_killed_before_its_first_checkpoint_are_not_duplicated(tiny_data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -30,6 +30,7 @@ PREPARE = ["--set", "synthetic.images_per_class=2", "--set", "synthetic.num_clas
            "synthetic.resolution=16", "--workers", "1"]
 
 
+@pytest.mark.slow
 def test_a_second_writer_fails_at_once_naming_the_first(tiny_data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     first = hold_lock(out)
@@ -46,6 +47,7 @@ def test_a_second_writer_fails_at_once_naming_the_first(tiny_data, tmp_path, mon
         first.wait()
 
 
+@pytest.mark.slow
 def test_a_killed_writers_lock_does_not_block(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     first = hold_lock(out)
@@ -57,6 +59,7 @@ def test_a_killed_writers_lock_does_not_block(tmp_path, monkeypatch, capsys):
     release_output(out)
 
 
+@pytest.mark.slow
 def test_the_lock_is_held_for_the_process_and_reentrant(tmp_path):
     lock_output(tmp_path / "a")
     lock_output(tmp_path / "a")  # the same process again: fine

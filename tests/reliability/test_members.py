@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from d2ctool.data.encoded import FORMAT as ENCODED
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.shards import iter_tar, npy_bytes, write_tar
 from d2ctool.errors import UserError
@@ -15,7 +16,6 @@ from d2ctool.io import sha256_file
 
 from faults import assert_one_line_error, rewrite_manifest, run_cli, encoded_shards  # noqa: F401 (a fixture)
 
-ENCODED = "d2c-encoded-shards"
 
 
 def plant(folder, member: str, make) -> str:
@@ -57,6 +57,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_bad_member_names_shard_key_and_member(encoded_shards, case):
     member, make, problem = CASES[case]
@@ -69,6 +70,7 @@ def test_a_bad_member_names_shard_key_and_member(encoded_shards, case):
     assert f"member {member}" in message
 
 
+@pytest.mark.slow
 def test_a_bad_label_is_caught_too(encoded_shards):
     manifest = json.loads((encoded_shards / "manifest.json").read_text())
     path = encoded_shards / manifest["shards"][0]["file"]
@@ -80,6 +82,7 @@ def test_a_bad_label_is_caught_too(encoded_shards):
         list(ShardReader(encoded_shards, 0, 1, manifest_kind=ENCODED).raw())
 
 
+@pytest.mark.slow
 def test_inside_a_dataloader_worker_it_is_still_one_line(encoded_shards, tmp_path, monkeypatch, capsys):
     """The error crosses the worker process boundary (torch re-raises it with the worker's traceback in its
     message); the CLI prints only our line."""

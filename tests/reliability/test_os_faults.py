@@ -44,6 +44,7 @@ def temporaries(folder):
     return [p for p in folder.rglob(f"*{TMP_SUFFIX}")] if folder.exists() else []
 
 
+@pytest.mark.slow
 def test_full_disk_mid_run_is_one_line_and_keeps_earlier_shards(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
 
@@ -67,6 +68,7 @@ def test_full_disk_mid_run_is_one_line_and_keeps_earlier_shards(tmp_path, monkey
     assert manifest["num_samples"] == 6 and len(manifest["shards"]) == 3
 
 
+@pytest.mark.slow
 def test_output_folder_deleted_mid_run(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     fail_on_shard(monkeypatch, 1, lambda path: shutil.rmtree(out))
@@ -94,6 +96,7 @@ def read_only(monkeypatch, folder, code=errno.EROFS):
     monkeypatch.setattr(os, "mkdir", guarded_mkdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code_, words", [(errno.EROFS, "Read-only file system (EROFS)"),
                                           (errno.EACCES, "Permission denied (EACCES)")])
 def test_unwritable_output_fails_before_any_work(tmp_path, monkeypatch, capsys, code_, words):
@@ -107,6 +110,7 @@ def test_unwritable_output_fails_before_any_work(tmp_path, monkeypatch, capsys, 
     assert started == []  # no image was read
 
 
+@pytest.mark.slow
 def test_fid_checks_the_output_is_writable_before_extracting_features(tiny_data, tmp_path, monkeypatch, capsys):
     import d2ctool.evaluation.fid as fid_module
 
@@ -125,6 +129,7 @@ def test_fid_checks_the_output_is_writable_before_extracting_features(tiny_data,
     assert extracted == []
 
 
+@pytest.mark.slow
 def test_training_run_folder_must_be_writable_before_the_model_is_built(tiny_data, tmp_path, monkeypatch, capsys):
     import d2ctool.discrete.train as train_module
 
@@ -139,6 +144,7 @@ def test_training_run_folder_must_be_writable_before_the_model_is_built(tiny_dat
     assert built == []
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(tiny_data, tmp_path, monkeypatch, capsys):
     import torch
 

@@ -41,6 +41,7 @@ def cut_at_block_boundary(path) -> int:
     return len(data)
 
 
+@pytest.mark.slow
 def test_a_shard_cut_at_a_block_boundary_is_caught_by_its_size(image_shards, tiny_data, tmp_path, monkeypatch, capsys):
     path, _ = first_shard(image_shards)
     cut_at_block_boundary(path)
@@ -51,6 +52,7 @@ def test_a_shard_cut_at_a_block_boundary_is_caught_by_its_size(image_shards, tin
     assert not (tmp_path / "enc" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_without_a_size_the_sample_count_still_catches_the_cut(image_shards):
     path, entry = first_shard(image_shards)
     cut_at_block_boundary(path)
@@ -61,6 +63,7 @@ def test_without_a_size_the_sample_count_still_catches_the_cut(image_shards):
         list(reader.raw())
 
 
+@pytest.mark.slow
 def test_sha256_is_checked_on_verify_and_in_encodes_first_read(image_shards, tiny_data, tmp_path, monkeypatch, capsys):
     path, _ = first_shard(image_shards)
     data = bytearray(path.read_bytes())
@@ -75,6 +78,7 @@ def test_sha256_is_checked_on_verify_and_in_encodes_first_read(image_shards, tin
     assert_one_line_error(code, err, path.name, "sha256 differs")
 
 
+@pytest.mark.slow
 def test_a_cut_inside_a_member_names_shard_and_sample(image_shards):
     path, _ = first_shard(image_shards)
     path.write_bytes(path.read_bytes()[:1500])  # inside the first image
@@ -91,6 +95,7 @@ def replace_member(path, key_index: int, ext: str, data: bytes) -> str:
     return key
 
 
+@pytest.mark.slow
 def test_a_member_that_is_not_an_image_names_shard_and_key(image_shards):
     path, _ = first_shard(image_shards)
     key = replace_member(path, 1, "png", b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n")
@@ -103,6 +108,7 @@ def test_a_member_that_is_not_an_image_names_shard_and_key(image_shards):
         list(ShardReader(image_shards))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("manifest, problem", [
     ("[1, 2, 3]", "expected a JSON object, got list"),
     ('{"format": "d2c-image-shards", "classes": []}', "no valid 'shards' list"),
@@ -119,6 +125,7 @@ def test_a_bad_manifest_is_one_line(image_shards, manifest, problem, tmp_path, m
     assert_one_line_error(code, err, "manifest.json", problem)
 
 
+@pytest.mark.slow
 def test_the_workers_index_catches_the_cut_too(image_shards):
     """DataLoader workers read through a tar-header index, not the sequential reader: same check, same line."""
     from d2ctool.data.torch_dataset import ShardDataset, decode_rgb

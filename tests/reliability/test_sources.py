@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import numpy as np
 from PIL import Image
 
@@ -26,6 +27,7 @@ def png(seed: int) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_fifos_and_sockets_are_listed_and_never_opened(tmp_path):
     src = tmp_path / "src"
     for cls in ("a", "b"):
@@ -51,6 +53,7 @@ def test_fifos_and_sockets_are_listed_and_never_opened(tmp_path):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_samples"] == 4
 
 
+@pytest.mark.slow
 def test_a_source_of_only_unusable_files_fails_and_points_to_the_rejects(tmp_path, monkeypatch, capsys):
     src = tmp_path / "lfs"
     for cls in ("cat", "dog"):

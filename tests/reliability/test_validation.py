@@ -41,6 +41,7 @@ def test_out_of_range_seeds_are_refused_for_every_section(override):
         load_recipe(None, [override], "prepare")
 
 
+@pytest.mark.slow
 def test_a_recipe_that_is_not_text(tmp_path, monkeypatch, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary")
@@ -49,6 +50,7 @@ def test_a_recipe_that_is_not_text(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_tokenizer_val_is_checked_before_step_one(tiny_data, tmp_path, monkeypatch, capsys):
     import d2ctool.tokenizers.train as train_module
 
@@ -74,6 +76,7 @@ def test_a_folder_stopped_before_any_piece_accepts_the_corrected_command(tmp_pat
         again.check()
 
 
+@pytest.mark.slow
 def test_fid_rejects_empty_images_and_wrong_dimension_statistics_before_extracting(tmp_path, monkeypatch, capsys):
     import numpy as np
     from PIL import Image

@@ -182,6 +182,7 @@ prep.prepare("synthetic", sys.argv[1], recipe.prepare, recipe_yaml(recipe))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_at", [1, 3])
 def test_resume_after_kill_mid_shard_gives_identical_shards(tmp_path, crash_at):
     overrides = ["synthetic.images_per_class=10", "synthetic.resolution=16", "shard_size=20", "workers=1"]
@@ -205,6 +206,7 @@ def test_resume_after_kill_mid_shard_gives_identical_shards(tmp_path, crash_at):
         assert (killed / tar.name).read_bytes() == tar.read_bytes()
 
 
+@pytest.mark.slow
 def test_cli_run_killed_with_sigkill_resumes(tmp_path):
     out = tmp_path / "out"
     args = ["prepare", "synthetic", out, "--set", "synthetic.images_per_class=150", "--set", "synthetic.resolution=96",
@@ -318,6 +320,7 @@ def test_unreadable_file_is_reported(tmp_path):
         assert load_file(str(tmp_path), "locked.jpg")["reason"].startswith("unreadable")
 
 
+@pytest.mark.slow
 def test_cli_prepare_end_to_end(tmp_path):
     out = tmp_path / "shards"
     proc = run_d2c("prepare", "synthetic", out, "--recipe", REPO / "recipes" / "tiny.yaml",

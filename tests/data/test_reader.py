@@ -167,6 +167,7 @@ def test_each_worker_reads_only_its_own_samples_once(uneven_shards, monkeypatch)
     assert sum(size for _, _, size in all_reads) == expected
 
 
+@pytest.mark.slow
 def test_loader_benchmark_runs_and_each_byte_is_read_once(tmp_path):
     """bench/loader.py on a small set: it keeps working with the readers' checks, and its measurement holds."""
     import json
@@ -179,7 +180,7 @@ def test_loader_benchmark_runs_and_each_byte_is_read_once(tmp_path):
     out = tmp_path / "loader.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "loader.py"), "--samples", "256", "--shard-size", "64",
                            "--batch", "32", "--workers", "1", "2", "--out", str(out)], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = json.loads(out.read_text())["runs"]
     assert [r["workers"] for r in runs] == [1, 2]

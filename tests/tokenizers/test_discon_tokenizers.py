@@ -66,6 +66,7 @@ def discon(tiny_data, tmp_path_factory):
     return root, tokenizers
 
 
+@pytest.mark.slow
 def test_encode_records_per_channel_statistics_of_the_latents(discon, tiny_data):
     root, _ = discon
     manifest = json.loads((root / "encoded" / "manifest.json").read_text())
@@ -88,6 +89,7 @@ def test_encode_records_per_channel_statistics_of_the_latents(discon, tiny_data)
     assert np.abs(np.array(norm["std"]) / true_std - 1).max() < 0.2
 
 
+@pytest.mark.slow
 def test_encode_uses_a_given_stats_file_and_refuses_it_for_the_scale_rule(discon, tiny_data, tmp_path):
     root, tokenizers = discon
     stats = tmp_path / "latents_stats.pt"
@@ -144,6 +146,7 @@ def test_sampling_through_maskgit_and_vavae(discon, tmp_path, mode, stage1):
         assert loaded["latent_norm"]["kind"] == "channel" and loaded["kl"]["name"] == "vavae-tiny-s4"
 
 
+@pytest.mark.slow
 def test_mismatched_tokenizers_are_refused_naming_both_sides(discon, tiny_data, tmp_path):
     root, tokenizers = discon
     out = tmp_path / "out"

@@ -10,19 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, sample_overrides as overrides
+from d2ctool.data.encoded import FORMAT as ENCODED
 from d2ctool.errors import UserError
 from d2ctool.recipe import load_recipe, recipe_yaml
 from d2ctool.sampling.run import sample
-
-
-def overrides(root, mode="two-stage", *extra):
-    return [f"tokenizers.vq.checkpoint={root / 'vq-tiny-s4.pt'}", f"tokenizers.kl.checkpoint={root / 'kl-tiny-s4.pt'}",
-            f"sample.mode={mode}", f"sample.discrete={root / 'gpt'}",
-            f"sample.continuous={root / ('none' if mode == 'continuous-only' else 'add')}",
-            f"sample.oracle_data={root / 'encoded'}", "sample.num_images=20", "sample.batch_size=8",
-            "sample.stage1.top_k=0", "sample.stage2.num_iter=3", "sample.stage2.num_sampling_steps=4",
-            "sample.grid_classes=3", "sample.grid_per_class=2", *extra]
 
 
 def run(root, out, mode="two-stage", *extra):
@@ -30,6 +22,7 @@ def run(root, out, mode="two-stage", *extra):
     return sample(recipe.sample, recipe.tokenizers, out, recipe_yaml(recipe))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["two-stage", "discrete-only", "continuous-only", "oracle-codes"])
 def test_every_mode_writes_pngs_npz_and_grid(tiny_models, tmp_path, mode):
     out = tmp_path / mode
@@ -67,6 +60,7 @@ run.sample(recipe.sample, recipe.tokenizers, chain_out, recipe_yaml(recipe))
 """
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_gives_a_byte_identical_npz(tiny_models, tmp_path):
     run(tiny_models, tmp_path / "whole")
     killed = tmp_path / "killed"
@@ -79,6 +73,7 @@ def test_killed_and_resumed_run_gives_a_byte_identical_npz(tiny_models, tmp_path
     assert (killed / "samples.npz").read_bytes() == (tmp_path / "whole" / "samples.npz").read_bytes()
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank(tiny_models, tmp_path):
     args = [a for o in overrides(tiny_models) for a in ("--set", o)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's per-process default: same float reductions
@@ -93,6 +88,7 @@ def test_two_ranks_equal_one_rank(tiny_models, tmp_path):
     assert (tmp_path / "one" / "samples.npz").read_bytes() == (tmp_path / "two" / "samples.npz").read_bytes()
 
 
+@pytest.mark.slow
 def test_wrong_combinations_fail_before_sampling(tiny_models, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(UserError, match="fusion none: use mode continuous-only"):
@@ -123,7 +119,7 @@ def _real_encoded(root, count):
     from d2ctool.data.shards import read_npy
 
     codes, moments, labels = [], [], []
-    for _, members in ShardReader(root / "encoded", 0, 1, manifest_kind="d2c-encoded-shards").raw():
+    for _, members in ShardReader(root / "encoded", 0, 1, manifest_kind=ENCODED).raw():
         codes.append(read_npy(members["codes.npy"])[0])
         moments.append(read_npy(members["moments.npy"])[0])
         labels.append(int(members["cls"]))
@@ -132,6 +128,7 @@ def _real_encoded(root, count):
     return np.stack(codes), np.stack(moments).astype(np.float32), np.array(labels)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["vq-reconstruction", "kl-reconstruction"])
 def test_reconstruction_modes_decode_the_real_images(tiny_models, tmp_path, mode):
     """The ceilings: the real images' codes through the VQ decoder, their posterior means through the KL one."""
@@ -158,6 +155,7 @@ def test_reconstruction_modes_decode_the_real_images(tiny_models, tmp_path, mode
     assert set(manifest["loaded"]) == {"vq" if mode == "vq-reconstruction" else "kl", "real_images"}
 
 
+@pytest.mark.slow
 def test_manifest_records_sizes_and_speed(tiny_models, tmp_path):
     from d2ctool.continuous.load import load_mar
 

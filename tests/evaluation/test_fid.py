@@ -258,6 +258,7 @@ def test_fid_ref_writes_the_adm_layout_and_its_statistics_match_a_direct_computa
     assert via_npz["fid"] > 0.01
 
 
+@pytest.mark.slow
 def test_cli_fid_ref_and_fid_end_to_end_with_the_feature_cache(work, tmp_path):
     env = cli_env(D2C_CACHE_DIR=str(tmp_path / "cache"))
     ref = tmp_path / "ref.npz"
@@ -333,6 +334,7 @@ def test_missing_weights_offline_error_names_the_file_and_writes_nothing(tmp_pat
     assert not (tmp_path / "features").exists()
 
 
+@pytest.mark.slow
 def test_help_has_examples_and_recipe_section_defaults():
     for command in ("fid", "fid-ref"):
         proc = run_d2c(command, "--help", check=True)

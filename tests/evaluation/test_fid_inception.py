@@ -31,7 +31,8 @@ from d2ctool.io import sha256_file
 from d2ctool.recipe import load_recipe
 from conftest import REPO
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# the real Inception network and its 100 MB of weights: slow
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 N = 100  # images per set
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
+import pytest
 import torch
 
-from conftest import REPO, run_d2c
+from conftest import kill_at_metrics_line, run_d2c, write_events
 from d2ctool.config import to_dict
 from d2ctool.continuous.train import ContinuousTask, train_continuous
 from d2ctool.recipe import load_recipe, recipe_yaml
@@ -27,6 +26,7 @@ def run(tiny_data, out, *extra):
     return train_continuous(recipe.continuous, to_dict(recipe.continuous), recipe_yaml(recipe))
 
 
+@pytest.mark.slow
 def test_data_shapes_come_from_the_encode_manifest(tiny_data):
     recipe = load_recipe(None, overrides(tiny_data, "unused"), "continuous")
     task = ContinuousTask(recipe.continuous)
@@ -39,26 +39,12 @@ def test_data_shapes_come_from_the_encode_manifest(tiny_data):
     assert latents.shape == (4, 8, 8) and codes.shape == (64,) and 0 <= label < 10
 
 
-_KILL = """
-import os
-import d2ctool.continuous.train as train
-from d2ctool.config import to_dict
-from d2ctool.recipe import load_recipe, recipe_yaml
-def dying(self, model, step):
-    if step == 4:  # in step 5, after the checkpoint of step 3
-        os._exit(9)
-train.ContinuousTask.after_step = dying
-recipe = load_recipe(None, {overrides!r}, "continuous")
-train.train_continuous(recipe.continuous, to_dict(recipe.continuous), recipe_yaml(recipe))
-"""
-
-
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path):
-    whole = run(tiny_data, tmp_path / "whole")
+    whole, events = write_events(lambda: run(tiny_data, tmp_path / "whole"), tmp_path / "whole.log")
     assert whole.step == 8 and (tmp_path / "whole" / "grids" / "step_0000008.png").is_file()
-    code = _KILL.format(overrides=overrides(tiny_data, tmp_path / "killed"))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 9, proc.stderr[-2000:]
+    args = ["train-continuous", *[f"--set={o}" for o in overrides(tiny_data, tmp_path / "killed")]]
+    kill_at_metrics_line(5, events, args, tmp_path / "killed.log")  # step 5: after checkpoint 3, before 6
     # the grids' sampling settings are sample-time knobs: changing them does not block the resume
     resumed = run(tiny_data, tmp_path / "killed", "sampling.num_sampling_steps=7", "sampling.sampler=dpm-solver++")
     assert resumed.resumed_from == 3
@@ -69,6 +55,7 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path)
     assert a["model_config"]["fusion"] == "add"
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_few_samples(tiny_data, tmp_path):
     run(tiny_data, tmp_path / "run", "train.steps=40", "train.base_lr=0.02", "train.ckpt_every=40")
     losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -76,6 +63,7 @@ def test_loss_falls_on_a_few_samples(tiny_data, tmp_path):
     assert last < 0.8 * first, losses
 
 
+@pytest.mark.slow
 def test_cli_reports_missing_data_clearly(tmp_path):
     proc = run_d2c("train-continuous", "--set", f"continuous.data={tmp_path}", "--set", f"continuous.out={tmp_path / 'o'}")
     assert proc.returncode == 2 and "is not a finished shard folder" in proc.stderr

@@ -4,15 +4,13 @@ schedule, the permutation anneal, resume-exact training, and sampling through th
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import kill_at_metrics_line, perturbed, read_manifest, sample_overrides, write_events
 from d2ctool.config import to_dict
 from d2ctool.discrete.config import SAMPLING_PRESETS, PermutationConfig, RARConfig, SamplingConfig, preset
 from d2ctool.discrete.generate import cfg_scale_at, generate
@@ -22,9 +20,6 @@ from d2ctool.discrete.train import DiscreteTask, train_discrete
 from d2ctool.errors import UserError
 from d2ctool.recipe import load_recipe, recipe_yaml
 from d2ctool.sampling.run import sample
-from test_discrete import _KILL, perturbed
-from test_sample import overrides as sample_overrides
-from test_tokenizers import read_manifest
 
 TINY = RARConfig(dim=64, n_layer=2, n_head=4, mlp_dim=128, vocab_size=32, num_classes=5, grid=4)
 
@@ -166,6 +161,7 @@ def run_rar(overrides):
     return train_discrete(recipe.discrete, to_dict(recipe.discrete), recipe_yaml(recipe))
 
 
+@pytest.mark.slow
 def test_training_anneals_the_permutation_per_step(tiny_data):
     recipe = load_recipe(None, rar_recipe(tiny_data, "unused"), "discrete")
     task = DiscreteTask(recipe.discrete)
@@ -182,12 +178,12 @@ def test_training_anneals_the_permutation_per_step(tiny_data):
                                  "discrete").discrete)
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_rar_run_ends_with_identical_weights(tiny_data, tmp_path):
-    whole = run_rar(rar_recipe(tiny_data, tmp_path / "whole"))
+    whole, events = write_events(lambda: run_rar(rar_recipe(tiny_data, tmp_path / "whole")), tmp_path / "whole.log")
     assert whole.step == 10
-    proc = subprocess.run([sys.executable, "-c", _KILL.format(overrides=rar_recipe(tiny_data, tmp_path / "killed"))],
-                          cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 9, proc.stderr[-2000:]
+    args = ["train-discrete", *[f"--set={o}" for o in rar_recipe(tiny_data, tmp_path / "killed")]]
+    kill_at_metrics_line(4, events, args, tmp_path / "killed.log")  # step 8: after checkpoint 4, before 8
     resumed = run_rar(rar_recipe(tiny_data, tmp_path / "killed"))
     assert resumed.resumed_from == 4 and resumed.step == 10  # resumed inside the anneal window
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)
@@ -211,6 +207,7 @@ def rar_run(tiny_models):
     return tiny_models / "rar"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["two-stage", "discrete-only"])
 def test_sample_with_a_rar_stage_one(tiny_models, rar_run, tmp_path, mode):
     recipe = load_recipe(None, sample_overrides(tiny_models, mode, f"sample.discrete={rar_run}",
@@ -223,6 +220,7 @@ def test_sample_with_a_rar_stage_one(tiny_models, rar_run, tmp_path, mode):
     assert manifest["loaded"]["stage1"]["sampling"]["cfg_schedule"] == "power-cosine"
 
 
+@pytest.mark.slow
 def test_official_rar_file_samples_and_mismatches_are_refused_first(tiny_models, tmp_path):
     cfg = data_config(preset("rar-tiny"), 512, 8, 10)  # over the tiny VQ (512 codes, 8x8 at 32 px)
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import run_d2c
@@ -29,6 +30,7 @@ def train(kind, tiny_data, out, *extra):
                    "--set", "val_images=40", *extra, check=True)
 
 
+@pytest.mark.slow
 def test_vq_beats_the_blur_baseline_and_uses_most_of_its_codebook(tiny_data, tmp_path):
     out = tmp_path / "vq"
     proc = train("vq", tiny_data, out, "--set", "codebook_size=32", "--set", "dead_code_steps=10")
@@ -44,6 +46,7 @@ def test_vq_beats_the_blur_baseline_and_uses_most_of_its_codebook(tiny_data, tmp
     assert (out / "reconstructions.png").is_file()
 
 
+@pytest.mark.slow
 def test_kl_beats_the_blur_baseline(tiny_data, tmp_path):
     out = tmp_path / "kl"
     train("kl", tiny_data, out)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from conftest import REPO
@@ -43,6 +44,7 @@ SYSTEMS = ["vq-reconstruction", "kl-reconstruction", "discrete-only", "continuou
            *[f"{kind}-{f}" for kind in ("two-stage", "oracle-codes") for f in ("add", "prefix", "qformer", "crossattn")]]
 
 
+@pytest.mark.slow
 def test_make_experiment_runs_every_stage_into_the_next_and_builds_the_table(tmp_path):
     recipe = tmp_path / "smallest.yaml"
     recipe.write_text(SMALLEST)

@@ -40,6 +40,7 @@ def npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+@pytest.mark.slow
 def test_encoded_shards_match_the_tokenizers(setup, tmp_path):
     out = tmp_path / "enc"
     result = run_encode(setup, out, *overrides(setup))
@@ -77,6 +78,7 @@ def test_encoded_shards_match_the_tokenizers(setup, tmp_path):
             np.testing.assert_allclose(moments.astype(np.float32), expect_moments, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_mismatched_grids_are_refused_before_any_work(setup, tmp_path):
     with pytest.raises(UserError, match=r"grids differ at 32 px: vq-tiny-s4 \(stride 4\) gives 8x8, "
                                         r"kl-tiny-s8 \(stride 8\) gives 4x4"):
@@ -114,6 +116,7 @@ enc.encode(Path(sys.argv[1]), Path(sys.argv[2]), recipe.tokenizers, recipe.encod
 """
 
 
+@pytest.mark.slow
 def test_resume_after_kill(setup, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run_encode(setup, whole, *overrides(setup))
@@ -132,6 +135,7 @@ def test_resume_after_kill(setup, tmp_path):
         json.loads((whole / "manifest.json").read_text())["shards"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_split_the_shards(setup, tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"
     run_encode(setup, single, *overrides(setup))
@@ -154,6 +158,7 @@ def test_torchrun_two_ranks_split_the_shards(setup, tmp_path):
                                        npy(ref[key]["moments.npy"]).astype(np.float32), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_cli_missing_checkpoint_is_one_line(setup, tmp_path):
     proc = run_d2c("encode", setup / "shards", tmp_path / "out", "--set",
                    f"tokenizers.vq.checkpoint={tmp_path / 'nope.pt'}")

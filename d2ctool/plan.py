@@ -5,9 +5,8 @@ preset factories and data-shape rules the training commands use, with the data's
 tokenizer presets and `plan.num_classes` instead of an encode manifest. Per training stage it reports:
 
 - parameters (total, trainable);
-- FLOPs per image, counted by `torch.utils.flop_counter.FlopCounterMode` on a meta-device training step
-  (forward, and forward + backward); MAR's step runs its modules on the sequence lengths of the mean
-  mask ratio (its boolean token selection has no meta-device form);
+- FLOPs per image of one training step (forward, and forward + backward), as each model states it
+  (`step_cost`: its real training loss traced on the meta device; MAR's at the mean mask ratio);
 - steps per epoch and total steps at the recipe's global batch over `plan.gpus` ranks;
 - memory per GPU at the per-rank micro-batch: fp32 weights, gradients, AdamW moments, EMA, and the
   activations autograd saves for backward (measured on the meta device in fp32, halved for bf16
@@ -24,28 +23,27 @@ files that do not exist.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from d2ctool.continuous.load import PRESETS as MAR_PRESETS
-from d2ctool.continuous.model import MAR, MASK_RATIO_STD
+from d2ctool.continuous.config import PRESETS as MAR_PRESETS
+from d2ctool.continuous.model import MAR
 from d2ctool.continuous.train import model_config_for_data
-from d2ctool.discrete.train import model_config_for_data as discrete_config_for_data
+from d2ctool.data.encoded import EncodedManifest
 from d2ctool.discrete.config import preset as gpt_preset
 from d2ctool.discrete.load import build_model
-from d2ctool.discrete.model import code_loss
+from d2ctool.discrete.train import model_config_for_data as discrete_config_for_data
 from d2ctool.errors import UserError
 from d2ctool.recipe import Recipe
+from d2ctool.sampling.config import MODES
 from d2ctool.tokenizers.encode import check_grids
 from d2ctool.tokenizers.load import build_tokenizer, preset_config as tokenizer_preset
-from d2ctool.training.config import TrainConfig
+from d2ctool.training.config import TrainConfig, micro_batch
+from d2ctool.training.cost import StepCost
 
 
 @dataclass(frozen=True)
@@ -60,21 +58,8 @@ GPUS = {
     "h100": GPU("NVIDIA H100 SXM 80GB", 989e12, 80e9),
     "h200": GPU("NVIDIA H200 141GB", 989e12, 141e9),
 }
-# which training stages a sampling mode needs (encode always runs: it writes both codes and latents)
-STAGES = {"two-stage": ("discrete", "continuous"), "discrete-only": ("discrete",),
-          "continuous-only": ("continuous",), "oracle-codes": ("continuous",)}
 TRACE_BATCH = 2  # images per meta-device trace (costs are linear in the batch)
 ADAMW_BYTES = 8  # two fp32 moments per trainable parameter
-
-
-@dataclass
-class StepCost:
-    """One training step, per image."""
-
-    forward_flops: float
-    train_flops: float  # forward + backward
-    activations: float  # bytes autograd saves for backward, fp32
-    activations_checkpointed: float  # with gradient checkpointing of every block
 
 
 @dataclass
@@ -112,116 +97,6 @@ class Plan:
         return sum(s.gpu_hours for s in self.stages)
 
 
-# ----- measuring a step on the meta device ---------------------------------------------------------------
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks (members of every ModuleList): the units gradient checkpointing wraps."""
-    return [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def trace_step(model: nn.Module, step: Callable[[], torch.Tensor], batch: int) -> StepCost:
-    """FLOPs and saved activations of `step()` (returns the loss) and its backward, per image."""
-    params = {id(p) for p in model.parameters()}
-    seen, keep = set(), []
-    state = {"block": None, "total": 0, "inputs": 0}
-    per_block: dict[int, int] = {}
-
-    def pack(t):
-        base = t._base if t._base is not None else t
-        if id(t) not in seen and id(base) not in params:
-            seen.add(id(t))
-            keep.append(t)  # ids stay unique while the tensor lives
-            state["total"] += _nbytes(t)
-            if state["block"] is not None:
-                per_block[state["block"]] = per_block.get(state["block"], 0) + _nbytes(t)
-        return t
-
-    def enter(module, args):
-        state["block"] = id(module)
-        state["inputs"] += _nbytes(args[0])
-
-    def leave(module, args, out):
-        state["block"] = None
-
-    hooks = [h for b in _blocks(model) for h in (b.register_forward_pre_hook(enter), b.register_forward_hook(leave))]
-    try:
-        with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = step()
-            forward = counter.get_total_flops()
-            loss.backward()
-            total = counter.get_total_flops()
-    finally:
-        for h in hooks:
-            h.remove()
-    in_blocks = sum(per_block.values())
-    checkpointed = state["total"] - in_blocks + state["inputs"] + max(per_block.values(), default=0)
-    return StepCost(forward / batch, total / batch, state["total"] / batch, checkpointed / batch)
-
-
-def stage1_step(model: torch.nn.Module, batch: int) -> Callable[[], torch.Tensor]:
-    cfg = model.cfg
-    codes = torch.zeros(batch, cfg.grid**2, dtype=torch.long, device="meta")
-    labels = torch.zeros(batch, dtype=torch.long, device="meta")
-
-    def step():
-        return code_loss(model(codes, labels), codes)
-
-    return step
-
-
-def mean_mask_ratio(minimum: float) -> float:
-    """Mean of N(1, std^2) truncated to [minimum, 1] (MAR's mask-ratio distribution)."""
-    a = (minimum - 1.0) / MASK_RATIO_STD
-    pdf = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
-    cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
-    return 1.0 + MASK_RATIO_STD * (pdf(a) - pdf(0.0)) / (cdf(0.0) - cdf(a))
-
-
-def mar_step(model: MAR, batch: int) -> Callable[[], torch.Tensor]:
-    """MAR.forward's modules on the shapes of one step at the mean mask ratio: the encoder sees the buffer
-    and the visible tokens, the decoder every position, the head every token `diffusion_batch_mul` times."""
-    cfg = model.cfg
-    meta = torch.device("meta")
-    tokens = torch.zeros(batch, cfg.seq_len, cfg.token_dim, device=meta)
-    labels = torch.zeros(batch, dtype=torch.long, device=meta)
-    codes = None if cfg.fusion == "none" else torch.zeros(batch, cfg.code_len, dtype=torch.long, device=meta)
-    visible = cfg.seq_len - math.ceil(cfg.seq_len * mean_mask_ratio(cfg.mask_ratio_min))
-    buf = cfg.buffer_size
-
-    def step():
-        ctx = model.code_context(codes)
-        x = model.z_proj(tokens)
-        if ctx is not None and ctx.encoder_add is not None:
-            x = x + ctx.encoder_add
-        emb = model.class_embedding(labels, batch)
-        x = torch.cat([emb[:, None].expand(batch, buf, -1), x], dim=1)
-        x = model.z_proj_ln(x + model.encoder_pos_embed_learned)[:, :buf + visible]
-        k = 0
-        if ctx is not None and ctx.encoder_tokens is not None:
-            k = ctx.encoder_tokens.shape[1]
-            x = torch.cat([ctx.encoder_tokens, x], dim=1)
-        x = model.encoder_norm(model._run(model.encoder_blocks, x, None if ctx is None else ctx.encoder_memory))
-        x = model.decoder_embed(x)
-        filled = model.mask_token.expand(batch, cfg.seq_len - visible, -1)
-        x = torch.cat([x[:, k:], filled], dim=1) + model.decoder_pos_embed_learned
-        if ctx is not None and ctx.decoder_add is not None:
-            x = x + F.pad(ctx.decoder_add, (0, 0, buf, 0))
-        if k:
-            x = torch.cat([x[:, :k] if ctx.decoder_tokens_pos is None else x[:, :k] + ctx.decoder_tokens_pos, x], 1)
-        x = model.decoder_norm(model._run(model.decoder_blocks, x, None if ctx is None else ctx.decoder_memory))
-        z = x[:, k + buf:] + model.diffusion_pos_embed_learned
-        m = cfg.diffusion_batch_mul
-        mask = torch.ones(batch * cfg.seq_len * m, device=meta)
-        return model.diffloss(tokens.reshape(-1, cfg.token_dim).repeat(m, 1), z.reshape(-1, z.shape[-1]).repeat(m, 1),
-                              mask)
-
-    return step
-
-
 def tokenizer_forward_flops(kind: str, model: nn.Module, resolution: int) -> float:
     """FLOPs to encode one image: the encoder network, plus for VQ the nearest-code search (2 N K D)."""
     images = torch.zeros(1, 3, resolution, resolution, device="meta")
@@ -253,19 +128,9 @@ def _memory(params: int, trainable: int, cost: StepCost, train: TrainConfig, per
 
 
 def _check_batch(train: TrainConfig, recipe: Recipe, section: str) -> int:
-    """The per-rank micro-batch; fails when the global batch cannot be split or makes no step."""
+    """The per-rank micro-batch, checked as the trainer checks it: every rank reads train_images // gpus."""
     plan = recipe.plan
-    ranks_accum = plan.gpus * train.grad_accum
-    if train.global_batch_size % ranks_accum:
-        raise UserError(f"{section}.train.global_batch_size {train.global_batch_size} does not divide over "
-                        f"plan.gpus × {section}.train.grad_accum = {plan.gpus} × {train.grad_accum}; choose a "
-                        f"multiple of {ranks_accum}")
-    per_rank = train.global_batch_size // ranks_accum
-    # the reader gives every rank train_images // gpus samples and drops the last partial batch
-    if plan.train_images // plan.gpus // per_rank < train.grad_accum:
-        raise UserError(f"{section}: {plan.train_images} images over {plan.gpus} GPUs make no full step of "
-                        f"{per_rank} × {train.grad_accum} per rank; lower {section}.train.global_batch_size")
-    return per_rank
+    return micro_batch(train, plan.gpus, plan.train_images // plan.gpus, section=section, ranks_name="plan.gpus")
 
 
 def _schedule(stage: StagePlan, train: TrainConfig, recipe: Recipe, section: str) -> None:
@@ -295,15 +160,15 @@ def _need(value: str | None, key: str, why: str) -> str:
 def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False) -> Plan:
     """Validate `recipe` and estimate every stage it runs; see the module docstring."""
     mode = recipe.sample.mode
-    stages_run = STAGES[mode]
+    stages_run = MODES[mode].stages  # encode always runs: it writes both codes and latents
     for section in stages_run:  # the cheap checks first
         _check_batch(getattr(recipe, section).train, recipe, section)
     for section in stages_run:
         _need(getattr(recipe.sample, section), f"sample.{section}",
               f"sample.mode {mode} samples from the {section} stage's run folder (its {section}.out)")
-    if mode == "oracle-codes":
+    if MODES[mode].real_images:
         _need(recipe.sample.oracle_data, "sample.oracle_data",
-              "oracle-codes conditions stage 2 on encoded shards' real codes")
+              f"{mode} reads the real images' codes and latents from encoded shards")
     tok = recipe.tokenizers
     res = recipe.encode.resolution
     inputs = {"tokenizers.vq.checkpoint": _need(tok.vq.checkpoint, "tokenizers.vq.checkpoint",
@@ -315,10 +180,7 @@ def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False)
         vq, kl = build_tokenizer("vq", vq_cfg).eval(), build_tokenizer("kl", kl_cfg).eval()
     grid = check_grids(res, vq, kl, tok.vq.preset, tok.kl.preset)
     num_classes = recipe.plan.num_classes
-    # what `d2c encode` would write into its manifest
-    manifest = {"grid": [grid, grid], "classes": [str(i) for i in range(num_classes)],
-                "tokenizers": {"vq": {"codebook_size": vq_cfg.codebook_size},
-                               "kl": {"latent_channels": kl_cfg.embed_dim}}}
+    manifest = EncodedManifest.planned(grid, num_classes, vq_cfg.codebook_size, kl_cfg.embed_dim)
     stages: list[StagePlan] = []
     notes: list[str] = []
 
@@ -345,7 +207,7 @@ def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False)
         with torch.device("meta"):
             model = build_model(model_cfg).train()
         stage = StagePlan("train-discrete", cfg.model, *_count(model), 0.0)
-        cost = trace_step(model, stage1_step(model, TRACE_BATCH), TRACE_BATCH)
+        cost = model.step_cost(TRACE_BATCH)
         _add_training(stage, cost, cfg.train, recipe, "discrete")
         stages.append(stage)
 
@@ -353,10 +215,10 @@ def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False)
         cfg = recipe.continuous
         _need(cfg.data, "continuous.data", "train-continuous reads the encoded shards")
         _need(cfg.out, "continuous.out", "train-continuous writes its run folder")
-        if mode == "continuous-only" and cfg.fusion != "none":
+        if MODES[mode].fused is False and cfg.fusion != "none":
             raise UserError(f"sample.mode continuous-only is the MAR baseline: it needs continuous.fusion none, "
                             f"got {cfg.fusion}")
-        if mode in ("two-stage", "oracle-codes") and cfg.fusion == "none":
+        if MODES[mode].fused and cfg.fusion == "none":
             raise UserError(f"sample.mode {mode} conditions stage 2 on discrete codes: continuous.fusion must not "
                             "be none")
         # traced without checkpointing: the checkpointed memory is derived from the per-block measurements
@@ -371,7 +233,7 @@ def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False)
         with torch.device("meta"):
             model = MAR(model_cfg).train()
         stage = StagePlan("train-continuous", f"{cfg.model} (fusion {cfg.fusion})", *_count(model), 0.0)
-        cost = trace_step(model, mar_step(model, TRACE_BATCH), TRACE_BATCH)
+        cost = model.step_cost(TRACE_BATCH)
         _add_training(stage, cost, cfg.train, recipe, "continuous")
         stages.append(stage)
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, kill_at_metrics_line, perturbed, read_manifest, write_events
 from d2ctool.discrete.config import GPTConfig, SamplingConfig, preset
 from d2ctool.discrete.generate import filter_logits, generate
 from d2ctool.discrete.load import data_config, load_stage1
@@ -19,7 +19,6 @@ from d2ctool.discrete.train import train_discrete
 from d2ctool.errors import UserError
 from d2ctool.recipe import load_recipe, recipe_yaml
 from d2ctool.config import to_dict
-from test_tokenizers import read_manifest
 
 TINY = GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=32, num_classes=5, grid=4, multiple_of=32)
 
@@ -27,14 +26,6 @@ TINY = GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=32, num_classes=5, grid
 def random_model(cfg=TINY, seed=0) -> GPT:
     torch.manual_seed(seed)
     return perturbed(GPT(cfg))
-
-
-def perturbed(model):
-    """Every weight given a value (output layers and adaLN modulations start at zero), in eval mode."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
 
 
 @pytest.mark.parametrize("name, manifest", [("gpt-b", "manifest_gpt_b.tsv"), ("gpt-l", "manifest_gpt_l.tsv")])
@@ -139,43 +130,33 @@ def test_tiny_model_overfits_and_greedy_generation_reproduces():
     assert torch.equal(out, codes)
 
 
+def discrete_overrides(tiny_data, out, *extra):
+    return [f"discrete.data={tiny_data / 'encoded'}", f"discrete.out={out}", "discrete.model=gpt-tiny",
+            "train.global_batch_size=8", "train.steps=10", "train.ckpt_every=4", "train.log_every=2",
+            "train.num_workers=0", "train.sample_every=0", "train.ema_decay=0.9", "sampling.top_k=0",
+            "discrete.grid_classes=2", *extra]
+
+
 def discrete_recipe(tiny_data, out, *extra):
-    overrides = [f"discrete.data={tiny_data / 'encoded'}", f"discrete.out={out}", "discrete.model=gpt-tiny",
-                 "train.global_batch_size=8", "train.steps=10", "train.ckpt_every=4", "train.log_every=2",
-                 "train.num_workers=0", "train.sample_every=0", "train.ema_decay=0.9", "sampling.top_k=0",
-                 "discrete.grid_classes=2", *extra]
-    return load_recipe(None, overrides, "discrete")
+    return load_recipe(None, discrete_overrides(tiny_data, out, *extra), "discrete")
 
 
 def run_discrete(recipe):
     return train_discrete(recipe.discrete, to_dict(recipe.discrete), recipe_yaml(recipe))
 
 
-_KILL = """
-import os, sys
-import d2ctool.discrete.train as train
-from d2ctool.config import to_dict
-from d2ctool.recipe import load_recipe, recipe_yaml
-real = train.DiscreteTask.after_step
-def dying(self, model, step):
-    if step == 6:  # in step 7, after the checkpoint of step 4
-        os._exit(9)
-train.DiscreteTask.after_step = dying
-recipe = load_recipe(None, {overrides!r}, "discrete")
-train.train_discrete(recipe.discrete, to_dict(recipe.discrete), recipe_yaml(recipe))
-"""
+def discrete_args(tiny_data, out, *extra):
+    """`d2c train-discrete` arguments for the run of `discrete_recipe`."""
+    return ["train-discrete", *[f"--set={o}" for o in discrete_overrides(tiny_data, out, *extra)]]
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path):
-    whole = run_discrete(discrete_recipe(tiny_data, tmp_path / "whole"))
+    whole, events = write_events(lambda: run_discrete(discrete_recipe(tiny_data, tmp_path / "whole")),
+                                 tmp_path / "whole.log")
     assert whole.step == 10 and whole.resumed_from == 0
-    overrides = [f"discrete.data={tiny_data / 'encoded'}", f"discrete.out={tmp_path / 'killed'}",
-                 "discrete.model=gpt-tiny", "train.global_batch_size=8", "train.steps=10", "train.ckpt_every=4",
-                 "train.log_every=2", "train.num_workers=0", "train.sample_every=0", "train.ema_decay=0.9",
-                 "sampling.top_k=0", "discrete.grid_classes=2"]
-    proc = subprocess.run([sys.executable, "-c", _KILL.format(overrides=overrides)], cwd=REPO, capture_output=True,
-                          text=True)
-    assert proc.returncode == 9, proc.stderr[-2000:]
+    # the 4th line is step 8's (a line every 2 steps): after the checkpoint of step 4, before that of step 8
+    kill_at_metrics_line(4, events, discrete_args(tiny_data, tmp_path / "killed"), tmp_path / "killed.log")
     resumed = run_discrete(discrete_recipe(tiny_data, tmp_path / "killed"))
     assert resumed.resumed_from == 4 and resumed.step == 10
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)
@@ -197,6 +178,7 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path)
     assert run_discrete(discrete_recipe(tiny_data, tmp_path / "whole", "train.steps=12")).step == 12
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_loads_for_sampling_and_checks_the_vocabulary(tiny_data, tmp_path):
     run_discrete(discrete_recipe(tiny_data, tmp_path / "run", "train.steps=2"))
     model, info = load_stage1(tmp_path / "run")
@@ -205,6 +187,7 @@ def test_trained_checkpoint_loads_for_sampling_and_checks_the_vocabulary(tiny_da
         load_stage1(tmp_path / "run", replace(model.cfg, vocab_size=1024))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
     import d2ctool.discrete.train as train
 
@@ -222,6 +205,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_train_and_only_rank0_writes(tiny_data, tmp_path):
     out = tmp_path / "ddp"
     args = ["--set", f"discrete.data={tiny_data / 'encoded'}", "--set", f"discrete.out={out}", "--set",

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import read_manifest
 from d2ctool.errors import UserError
 from d2ctool.tokenizers.load import PRESETS, build_tokenizer, load_tokenizer, preset_config, save_tokenizer
-
-SPECS = Path(__file__).parent / "specs"
-
-
-def read_manifest(name: str) -> dict[str, list[int]]:
-    entries = {}
-    for line in (SPECS / name).read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape, _dtype = line.split("\t")
-        entries[key] = json.loads(shape)
-    return entries
 
 
 @pytest.mark.parametrize("kind, preset, manifest", [("vq", "vq-16", "manifest_vq16.tsv"),
@@ -68,7 +56,9 @@ def test_mar_training_checkpoint_with_argparse_namespace_loads(tmp_path):
     model = small("kl")
     path = tmp_path / "kl.ckpt"
     torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1e-4), "epoch": 3}, path)
-    load_tokenizer("kl", "kl-tiny-s4", str(path))
+    loaded, info = load_tokenizer("kl", "kl-tiny-s4", str(path))
+    assert info.weights == "model"
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_arbitrary_pickles_are_refused(tmp_path):
@@ -123,6 +113,7 @@ def test_own_format_carries_its_architecture(tmp_path):
     assert info.name == "vq-mine" and loaded.cfg == model.cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", [p for p in PRESETS["vq"] if p.startswith("vq-tiny")])
 def test_vq_round_trip_shapes_and_consistency(preset):
     torch.manual_seed(0)
@@ -195,6 +186,7 @@ def test_maskgit_residual_blocks_reproduce_the_released_shortcut():
     assert tuple(ResnetBlock(32, 64, 0.0).nin_shortcut.weight.shape) == (64, 64, 1, 1)
 
 
+@pytest.mark.slow
 def test_maskgit_plain_search_and_its_zero_one_range():
     torch.manual_seed(0)
     model = build_tokenizer("vq", preset_config("vq", "maskgit-tiny-s4")).eval()
