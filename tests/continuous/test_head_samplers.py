@@ -93,6 +93,7 @@ def test_each_sampler_matches_a_gaussian_within_a_tolerance_that_shrinks_with_st
     assert errors[-1] < 0.035
 
 
+@pytest.mark.slow
 def test_dpm_solver_at_10_to_20_steps_matches_ddpm_at_100_to_1000():
     head = head_for(gaussian())
     ddpm = {k: moment_error(draw(head, "ddpm", k), MU, COV) for k in (100, 1000)}
