@@ -37,6 +37,7 @@ sample:
   grid_per_class: 2
   stage1: {top_k: 0}
   stage2: {num_iter: 2, num_sampling_steps: 4, clip_x0: 3.0}
+sweep: {warmup_batches: 0, timing_batches: 1}
 fid: {features: inception-random, resolution: 32, num_ref_images: 8, batch_size: 8}
 """
 
@@ -56,7 +57,7 @@ def test_make_experiment_runs_every_stage_into_the_next_and_builds_the_table(tmp
             "SWEEP_STAGE1=--grid stage1.cfg_scale=1.0,2.0",
             "SWEEP_STAGE2=--grid stage2.sampler:stage2.num_sampling_steps=ddpm:4,dpm-solver++:3",
             "SWEEP_SEEDS=--grid seed=1 --grid stage2.sampler:stage2.num_sampling_steps=dpm-solver++:3"]
-    proc = subprocess.run(make, capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(make, capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     results = json.loads((run / "results.json").read_text())
