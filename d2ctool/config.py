@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -64,6 +65,12 @@ def _coerce(value, tp, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
             return None
+        others = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        if others == [str] and isinstance(value, str) and not value.strip():
+            # an optional path or name given as "": never what was meant (a path would resolve to . or /)
+            raise ConfigError(f"{where}: empty; give a value, or null to leave it unset")
+        if len(others) == 1:  # Optional[X]: X's own message says more (e.g. "a finite number")
+            return _coerce(value, others[0], where)
         for arg in typing.get_args(tp):
             if arg is type(None):
                 continue
@@ -99,7 +106,18 @@ def _coerce(value, tp, where: str):
         raise TypeError(f"unsupported config type {tp!r} at {where}")
     if not ok(value):
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    return float(value) if tp is float else value
+    if tp is float:  # NaN passes every `<` check: no setting takes it, nor ±inf (or an int too big for a float)
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {data_repr(value)}")
+    return value
+
+
+def data_repr(value) -> str:
+    return {math.inf: ".inf", -math.inf: "-.inf"}.get(value, ".nan" if value != value else repr(value))
 
 
 def valid_keys(cls, prefix: str = "") -> list[str]:

@@ -2,6 +2,10 @@
 
 One process by default; under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) the same command runs
 data-parallel with `nccl` on GPU and `gloo` on CPU. Only rank 0 writes shared files.
+
+When one rank stops on an error, the others find out at their next collective, as a broken connection.
+So the failing rank leaves its one-line message in the process group's store (`report_failure`), and the
+others, when a collective breaks, end with that message (`peer_failure`) instead of a gloo/NCCL traceback.
 """
 
 from __future__ import annotations
@@ -68,3 +72,48 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+FAILURE_KEY = "d2c/failure"
+
+
+def _store():
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no store to share the message through: the others report a generic line
+        return None
+
+
+def report_failure(message: str) -> None:
+    """Under torchrun: leave this rank's error where the other ranks look when their next collective breaks."""
+    store = _store()
+    if store is not None and rank_and_world()[1] > 1:
+        try:
+            store.set(FAILURE_KEY, message)
+        except Exception:  # noqa: BLE001 - the store may be gone with its host rank: nothing more to do
+            pass
+
+
+_PEER_LOST = ("closed by peer", "connection reset", "broken pipe", "nccl", "gloo", "timed out", "timeout")
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """The message another rank reported, when `error` is a collective broken by that rank stopping; a generic
+    line when the message cannot be read but the error is a lost peer; None for anything else (a real bug)."""
+    if rank_and_world()[1] <= 1:
+        return None
+    import torch.distributed as dist
+
+    store = _store()
+    if store is not None:
+        try:
+            if store.check([FAILURE_KEY]):
+                return store.get(FAILURE_KEY).decode("utf-8", "replace")
+        except Exception:  # noqa: BLE001 - the store went with its host
+            pass
+    lost = isinstance(error, getattr(dist, "DistError", ())) or any(w in str(error).lower() for w in _PEER_LOST)
+    return "another rank stopped on an error (its message is in that rank's log)" if lost else None

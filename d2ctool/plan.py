@@ -17,7 +17,8 @@ tokenizer presets and `plan.num_classes` instead of an encode manifest. Per trai
 It fails (UserError) on what cannot work: tokenizer grids that differ or do not divide the resolution,
 an official `init` checkpoint whose vocabulary or grid differs from the tokenizers', a global batch that
 does not divide over ranks × accumulation, unset data/checkpoint paths, and (with `check_paths`) input
-files that do not exist.
+files that do not exist, are empty, or do not load as their setting needs (an init checkpoint: into the
+model this recipe builds for its data).
 """
 
 from __future__ import annotations
@@ -25,23 +26,25 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from d2ctool.continuous.config import PRESETS as MAR_PRESETS
+from d2ctool.continuous.load import init_from_checkpoint
 from d2ctool.continuous.model import MAR
 from d2ctool.continuous.train import model_config_for_data
 from d2ctool.data.encoded import EncodedManifest
 from d2ctool.discrete.config import preset as gpt_preset
-from d2ctool.discrete.load import build_model
+from d2ctool.discrete.load import build_model, load_stage1
 from d2ctool.discrete.train import model_config_for_data as discrete_config_for_data
 from d2ctool.errors import UserError
 from d2ctool.recipe import Recipe
 from d2ctool.sampling.config import MODES
 from d2ctool.tokenizers.encode import check_grids
-from d2ctool.tokenizers.load import build_tokenizer, preset_config as tokenizer_preset
+from d2ctool.tokenizers.load import build_tokenizer, load_tokenizer, preset_config as tokenizer_preset
 from d2ctool.training.config import TrainConfig, micro_batch
 from d2ctool.training.cost import StepCost
 
@@ -157,6 +160,23 @@ def _need(value: str | None, key: str, why: str) -> str:
     return value
 
 
+def _empty(path: str) -> bool:
+    return Path(path).is_file() and Path(path).stat().st_size == 0
+
+
+def _unusable(key: str, path: str, load: Callable[[str], object]) -> str | None:
+    """Why the file a setting names cannot be used (missing, empty, not loadable as that setting needs), or None."""
+    if not Path(path).is_file():
+        return f"{key}: {path} not found"
+    if _empty(path):
+        return f"{key}: {path} is empty (0 bytes)"
+    try:
+        load(path)
+    except UserError as e:
+        return f"{key}: {e}"
+    return None
+
+
 def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False) -> Plan:
     """Validate `recipe` and estimate every stage it runs; see the module docstring."""
     mode = recipe.sample.mode
@@ -246,9 +266,17 @@ def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False)
                      "file in sample.discrete would get the wrong token grid")
     notes.append(f"evaluation: {s.num_images} samples ({mode}), then `d2c fid --ref` (ImageNet 256: ADM's "
                  "VIRTUAL_imagenet256_labeled.npz); sampling cost is measured by bench/gpu.py, not estimated here")
-    missing = [f"{key}: {path}" for key, path in inputs.items() if not Path(path).is_file()]
-    if check_paths and missing:
-        raise UserError(f"{name}: input file(s) missing: {'; '.join(missing)}")
+    missing = [f"{key}: {path}" for key, path in inputs.items() if not Path(path).is_file() or _empty(path)]
+    if check_paths:
+        loaders = {"tokenizers.vq.checkpoint": lambda p: load_tokenizer("vq", tok.vq.preset, p),
+                   "tokenizers.kl.checkpoint": lambda p: load_tokenizer("kl", tok.kl.preset, p),
+                   # the init checkpoints must fit the model this recipe builds on its data's grid
+                   "discrete.init": lambda p: load_stage1(p, discrete_config_for_data(recipe.discrete, manifest)),
+                   "continuous.init": lambda p: init_from_checkpoint(
+                       MAR(model_config_for_data(recipe.continuous, manifest)), p)}
+        problems = [problem for key, path in inputs.items() if (problem := _unusable(key, path, loaders[key]))]
+        if problems:
+            raise UserError(f"{name}: input file(s) unusable: {'; '.join(problems)}")
     return Plan(name, GPUS[recipe.plan.gpu], recipe.plan.gpus, recipe.plan.mfu, stages, inputs, missing, notes)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -18,8 +19,14 @@ def _fmt_seconds(seconds: float) -> str:
 class Progress:
     """Counts work done out of `total`, showing the rate in `unit`s per second."""
 
-    def __init__(self, total: int, desc: str, unit: str = "img", interval: float = 10.0, start: int = 0,
+    def __init__(self, total: int, desc: str, unit: str = "img", interval: float | None = None, start: int = 0,
                  enabled: bool | None = None):
+        """Off a terminal, a line every `interval` seconds (default $D2C_LOG_INTERVAL, else 10)."""
+        if interval is None:
+            try:
+                interval = float(os.environ.get("D2C_LOG_INTERVAL") or 10.0)
+            except ValueError:
+                interval = 10.0
         self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
         self.done = start
         self.note = ""

@@ -25,7 +25,8 @@ from d2ctool.sampling.config import SampleConfig, SweepConfig
 from d2ctool.training.config import PlanConfig
 
 PATHS = "paths"
-_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_REFERENCE = re.compile(r"\$\{(" + _NAME.pattern + r")\}")
 
 
 @dataclass
@@ -42,18 +43,46 @@ class Recipe:
     plan: PlanConfig = nested(PlanConfig)
 
 
+def packaged_recipes() -> dict[str, Path]:
+    """The recipes shipped inside the package, by name ("tiny", "imagenet256/mar-b", ...)."""
+    root = Path(__file__).parent / "recipes"
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in sorted(root.rglob("*.yaml"))}
+
+
+def recipe_summary(path: Path) -> str:
+    """The first line of a recipe's opening comment."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#") and line.strip("# "):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def find_recipe(path: str | Path) -> Path:
+    """A recipe file: the path itself when it is a file, else the shipped recipe of that name (`tiny`,
+    `imagenet256/mar-b`, with or without `recipes/` and `.yaml`), so that recipes work from any folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml")
+    name = name[len("recipes/"):] if name.startswith("recipes/") else name
+    shipped = packaged_recipes()
+    if name in shipped:
+        return shipped[name]
+    raise ConfigError(f"recipe not found: {path} (neither a file nor a shipped recipe; `d2c recipes` lists "
+                      f"those: {', '.join(shipped)})")
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = (), section: str | None = None) -> Recipe:
     """Read a recipe (or the defaults when `path` is None), apply `--set` overrides, validate everything.
 
-    `section` is the running command's section: overrides may name keys relative to it.
+    `path` is a YAML file or a shipped recipe's name (see find_recipe). `section` is the running command's
+    section: overrides may name keys relative to it.
     """
     data: dict = {}
     where = None
     if path is not None:
-        path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe not found: {path} (see recipes/ for examples)")
+        path = find_recipe(path)
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError:
@@ -120,7 +149,13 @@ def _paths(block, overrides: list[str], where: str | None) -> tuple[dict[str, st
                               f"block ({known})")
         paths[name] = value
     for name, value in paths.items():
-        if _REFERENCE.search(value):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ConfigError(f"{prefix}{PATHS}: the name {name!r} is not an identifier (letters, digits and _, not "
+                              "starting with a digit), so ${{...}} could not refer to it")
+        if not value.strip():
+            raise ConfigError(f"{prefix}{PATHS}.{name}: empty; give a folder (an empty one would root every path "
+                              f"using ${{{name}}} at /)")
+        if "${" in value:
             raise ConfigError(f"{prefix}{PATHS}.{name}: a path may not refer to another (${{...}}); write it out")
     return paths, rest
 
@@ -141,4 +176,10 @@ def _substitute(node, paths: dict[str, str], where: str | None, key: str = ""):
                               f"(defined: {known})")
         return paths[match.group(1)]
 
-    return _REFERENCE.sub(lookup, node)
+    substituted = _REFERENCE.sub(lookup, node)
+    rest = _REFERENCE.sub("", node)
+    if "${" in rest:  # `${}`, `${a-b}`, `${root` ...: a typo, not a literal path
+        bad = rest[rest.index("${"):][:40]
+        raise ConfigError(f"{where + ': ' if where else ''}{key}: {bad!r} is not a valid reference; write "
+                          f"${{NAME}} with NAME from the {PATHS}: block")
+    return substituted

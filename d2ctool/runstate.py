@@ -10,7 +10,6 @@ so a second run into the same folder stops at once instead of deleting the first
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -22,6 +21,7 @@ from d2ctool.io import TMP_SUFFIX, check_writable, read_json_object, write_json,
 MANIFEST = "manifest.json"  # written last: its presence means the folder is finished
 RESOLVED_CONFIG = "config.yaml"  # the resolved settings the folder was made with
 LOCK_FILE = ".d2c-lock"
+PROVENANCE = "provenance.json"  # command line, git commit, versions, start and end of the run that finished OUT
 _held: dict[str, int] = {}  # real path of a locked folder -> the open lock file (kept until exit or release)
 
 
@@ -88,35 +88,69 @@ def _read_json(path: Path) -> dict:
 
 
 class OutputFolder:
-    def __init__(self, root: str | Path, command: str, plan: dict):
-        self.root, self.command, self.plan = Path(root), command, plan
+    """`plan` holds everything that decides the output; its `inputs` entry, `{name: {"path", "sha256"}}`, the
+    content identity of every input (see d2ctool.identity). With `force_restart` a folder this command made
+    from other inputs or settings is started afresh instead of refused."""
+
+    def __init__(self, root: str | Path, command: str, plan: dict, force_restart: bool = False):
+        self.root, self.command, self.plan, self.force_restart = Path(root), command, plan, force_restart
         self.state = self.root / f".d2c-{command}"
 
-    def check(self) -> bool:
-        """True when the folder already holds this exact finished run; refuse any other non-empty folder."""
+    def _previous(self) -> dict | None:
+        """The plan this folder was made with; None for an empty folder; refuses a folder made by something else."""
         root = self.root
-        if root.exists() and not root.is_dir():
-            raise UserError(f"output {root} exists and is not a folder")
-        lock_output(root)
         if (root / MANIFEST).is_file():
-            previous = _read_json(root / MANIFEST).get("plan")
-        elif (self.state / "plan.json").is_file():
+            return _read_json(root / MANIFEST).get("plan") or {}
+        if (self.state / "plan.json").is_file():
             previous = _read_json(self.state / "plan.json")
-            if previous != self.plan and not any(self.state.glob("[0-9]*.json")):
-                return False  # started but nothing finished (e.g. stopped by a check): start afresh
-        elif any(p.name != LOCK_FILE and not p.name.endswith(TMP_SUFFIX) for p in root.iterdir()):
+            # started but nothing finished (e.g. stopped by a check): start afresh
+            return previous if previous == self.plan or any(self.state.glob("[0-9]*.json")) else None
+        if any(p.name != LOCK_FILE and not p.name.endswith(TMP_SUFFIX) for p in root.iterdir()):
             # temporaries do not count: under torchrun another rank's write probe may be there right now
             raise UserError(f"output {root} is not empty and was not made by `d2c {self.command}`; "
                             "choose a new or empty folder")
-        else:
+        return None
+
+    def check(self) -> bool:
+        """True when the folder already holds this exact finished run; refuse any other non-empty folder.
+
+        Under torchrun every rank calls this (rank 0 restarts a folder first when asked to)."""
+        from d2ctool import distributed
+        from d2ctool.identity import FORCE_RESTART, check_same_inputs
+
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise UserError(f"output {root} exists and is not a folder")
+        if (root / MANIFEST).is_file() and _read_json(root / MANIFEST).get("plan") == self.plan:
+            return True  # finished: only read, so a finished folder on a read-only mount is "nothing to do" too
+        lock_output(root)
+        if self.force_restart:
+            if distributed.rank_and_world()[0] == 0 and self._previous() not in (None, self.plan):
+                self.restart()
+            distributed.barrier()
+        previous = self._previous()
+        if previous is None:
             return False
         if previous != self.plan:
-            diff = "; ".join(differences(previous or {}, self.plan)) or "unknown"
-            raise UserError(f"output {root} was made with different arguments ({diff}). "
-                            "Use the same arguments to resume, or a new folder")
+            if "inputs" in previous:
+                check_same_inputs(previous["inputs"], self.plan.get("inputs"), root, f"d2c {self.command}")
+            diff = "; ".join(differences(previous, self.plan)) or "unknown"
+            raise UserError(f"output {root} was made with different arguments ({diff}). Use the same arguments "
+                            f"to resume, a new folder, or {FORCE_RESTART} to start it afresh")
         return (root / MANIFEST).is_file()
 
+    def restart(self) -> None:
+        """Forget what this command made in the folder (--force-restart): the manifest first, so that nothing
+        looks finished at any instant, then every finished piece; the pieces' files are made again."""
+        (self.root / MANIFEST).unlink(missing_ok=True)
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.forget_pieces()
+        write_json(self.state / "plan.json", self.plan)
+
     def start(self, resolved_config: str) -> None:
+        from d2ctool.provenance import now
+
+        self.started = now()
         lock_output(self.root)
         self.state.mkdir(parents=True, exist_ok=True)
         clean_temporaries(self.root)  # temporaries of a killed run
@@ -132,8 +166,11 @@ class OutputFolder:
         path = self._record_path(index)
         if not path.is_file():
             return False
-        file = json.loads(path.read_text()).get("file")
-        return file is None or (self.root / file).is_file()
+        try:
+            file = _read_json(path).get("file")
+        except UserError:  # a damaged record: the piece is redone, never trusted
+            return False
+        return file is None or (isinstance(file, str) and (self.root / file).is_file())
 
     def write_record(self, index: int, record: dict) -> None:
         """Call before renaming the piece's file into place: file present => record present."""
@@ -145,9 +182,14 @@ class OutputFolder:
             path.unlink()
 
     def records(self, count: int) -> list[dict]:
-        return [json.loads(self._record_path(i).read_text()) for i in range(count)]
+        return [_read_json(self._record_path(i)) for i in range(count)]
 
     def finish(self, manifest: dict) -> dict:
+        from d2ctool.provenance import now, provenance
+
+        # what made the output, beside the manifest: the manifest itself stays a function of the inputs and settings
+        write_json(self.root / PROVENANCE, {**provenance(), "started": getattr(self, "started", None),
+                                            "finished": now()})
         manifest = {**manifest, "plan": self.plan}
         write_json(self.root / MANIFEST, manifest)
         shutil.rmtree(self.state)

@@ -12,7 +12,8 @@ import ast
 from conftest import REPO
 
 LAYERS = [
-    {"__init__", "errors", "progress", "io", "config", "distributed", "checkpoints", "runstate", "visual"},
+    {"__init__", "errors", "progress", "io", "config", "distributed", "checkpoints", "runstate", "visual", "identity",
+     "stopping", "provenance"},
     {"data"},
     {"training"},
     {"tokenizers"},

@@ -107,11 +107,13 @@ def test_paths_come_from_the_paths_block(tmp_path):
     plan = _plan("mar-b.yaml", f"paths.checkpoints={tmp_path}")
     assert plan.inputs["tokenizers.vq.checkpoint"] == f"{tmp_path}/vq_ds16_c2i.pt"
     assert len(plan.missing) == 2
-    with pytest.raises(UserError, match="input file\\(s\\) missing: tokenizers.vq.checkpoint"):
+    with pytest.raises(UserError, match="input file\\(s\\) unusable: tokenizers.vq.checkpoint: .* not found"):
         _plan("mar-b.yaml", f"paths.checkpoints={tmp_path}", check_paths=True)
     for name in ("vq_ds16_c2i.pt", "kl16.ckpt"):
-        (tmp_path / name).write_bytes(b"")  # plan never reads them
-    assert _plan("mar-b.yaml", f"paths.checkpoints={tmp_path}", check_paths=True).missing == []
+        (tmp_path / name).write_bytes(b"")  # an empty file is not "found"
+    assert len(_plan("mar-b.yaml", f"paths.checkpoints={tmp_path}").missing) == 2
+    with pytest.raises(UserError, match="kl16.ckpt is empty"):
+        _plan("mar-b.yaml", f"paths.checkpoints={tmp_path}", check_paths=True)
     recipe = load_recipe(REPO / "recipes" / "imagenet256" / "d2c-b-add.yaml", ["paths.runs=/scratch/r"])
     assert recipe.discrete.out == "/scratch/r/d2c-b-add/discrete"
     assert recipe.sample.continuous == "/scratch/r/d2c-b-add/continuous"

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 LN_EPS = 1e-6
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, c = x.shape
-    return x.reshape(b, n, heads, c // heads).transpose(1, 2)
+    return rearrange(x, "b n (h d) -> b h n d", h=heads)
 
 
 class Attention(nn.Module):
@@ -28,10 +28,9 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+        return self.proj_drop(self.proj(rearrange(x, "b h n d -> b n (h d)")))
 
 
 class CrossAttention(nn.Module):
@@ -53,11 +52,10 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """`memory`: the memory tokens, or their `memory_kv` computed beforehand."""
-        b, n, c = x.shape
         k, v = memory if isinstance(memory, tuple) else self.memory_kv(memory)
         q = _heads(self.q(x), self.heads)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+        return self.proj_drop(self.proj(rearrange(x, "b h n d -> b n (h d)")))
 
 
 class Mlp(nn.Module):

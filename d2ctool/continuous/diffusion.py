@@ -298,6 +298,8 @@ class DiffusionHead(nn.Module):
         t = rng.randint(self.train_schedule.num_steps, (target.shape[0],), target.device, generator)
         noise = rng.randn(target.shape, target.device, generator)
         loss = self.losses(target, z, t, noise)
+        if self.training:  # for logging the loss by noise level (continuous/train.py), not for the gradient
+            self.last_terms = (t.detach(), loss.detach(), None if mask is None else mask.detach())
         if mask is None:
             return loss.mean()
         mask = mask.to(loss.dtype)

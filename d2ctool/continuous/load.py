@@ -13,12 +13,15 @@ from pathlib import Path
 
 import torch
 
-from d2ctool.checkpoints import CHECKPOINT_FORMAT, LoadedWeights, listing, load_file, load_strict, run_checkpoint, unwrap
+from d2ctool.checkpoints import (CHECKPOINT_FORMAT, LoadedWeights, check_state_dict, listing, load_file, load_strict,
+                                  mapping_entry, refuse_other_format, run_checkpoint, state_dict_entry, unwrap,
+                                  weights_entry)
 from d2ctool.config import ConfigError, build
 from d2ctool.continuous.config import PRESETS, RETIRED_FIELDS, MARConfig
 from d2ctool.continuous.model import MAR
 from d2ctool.errors import UserError
-from d2ctool.io import atomic_path, sha256_file
+from d2ctool.identity import file_sha256
+from d2ctool.io import atomic_path
 
 # which entry of an official container holds the weights, in order of preference
 OFFICIAL_KEYS = ("model_ema", "model", "state_dict")
@@ -63,7 +66,7 @@ def _weights(obj: dict, checkpoint, use_ema: bool = True) -> tuple[dict, str]:
     """The EMA weights when asked and present, else the raw ones; with use_ema=False never the EMA."""
     if obj.get("format") == OWN_FORMAT:
         key = "model_ema" if use_ema and isinstance(obj.get("model_ema"), dict) else "model"
-        return obj[key], key
+        return state_dict_entry(obj, key, checkpoint), key
     return unwrap(obj, OFFICIAL_KEYS if use_ema else tuple(k for k in OFFICIAL_KEYS if k != "model_ema"), checkpoint)
 
 
@@ -77,18 +80,23 @@ def load_mar(preset: str, checkpoint: str | Path | None, overrides: dict | None 
                         f"a checkpoint of our own (preset given: {preset})")
     checkpoint = run_checkpoint(checkpoint)
     obj = load_file(checkpoint)
+    refuse_other_format(obj, (OWN_FORMAT, CHECKPOINT_FORMAT), checkpoint, "a stage-2 (MAR) model")
     trained_on = None
     if obj.get("format") == CHECKPOINT_FORMAT:  # a `d2c train-continuous` run
         if obj.get("task") != "train-continuous":
             raise UserError(f"{checkpoint} is a `d2c {obj.get('task')}` checkpoint, not a stage-2 (train-continuous) one")
-        cfg = config_from_dict({**obj["model_config"], **(overrides or {})}, str(checkpoint))
+        cfg = config_from_dict({**mapping_entry(obj, "model_config", checkpoint), **(overrides or {})}, str(checkpoint))
         name = "train-continuous"
-        weights = "ema" if use_ema and obj.get("ema") else "model"
-        state_dict = obj[weights]
-        trained_on = (obj.get("config") or {}).get("trained_on")
+        weights = weights_entry(obj, use_ema)
+        state_dict = state_dict_entry(obj, weights, checkpoint)
+        trained_on = mapping_entry(obj, "config", checkpoint).get("trained_on")
+        if trained_on is not None and not (isinstance(trained_on, dict) and all(
+                isinstance(trained_on.get(k), dict) for k in ("vq", "kl"))):
+            raise UserError(f"{checkpoint}: its record of the training data (config.trained_on) is damaged; "
+                            "use another checkpoint of the run")
     else:
         if obj.get("format") == OWN_FORMAT:
-            cfg = config_from_dict({**obj["config"], **(overrides or {})}, str(checkpoint))
+            cfg = config_from_dict({**mapping_entry(obj, "config", checkpoint), **(overrides or {})}, str(checkpoint))
             name = obj.get("name", "custom")
         else:
             cfg, name = preset_config(preset, overrides), preset
@@ -97,7 +105,7 @@ def load_mar(preset: str, checkpoint: str | Path | None, overrides: dict | None 
     hint = (" (a fused model starts from a plain MAR checkpoint with init_from_checkpoint)"
             if cfg.fusion != "none" else "")
     load_strict(model, state_dict, str(checkpoint), f"the MAR model '{name}' (fusion {cfg.fusion}){hint}")
-    info = LoadedWeights(name, str(Path(checkpoint).resolve()), sha256_file(checkpoint), dataclasses.asdict(cfg), weights,
+    info = LoadedWeights(name, str(Path(checkpoint).resolve()), file_sha256(checkpoint), dataclasses.asdict(cfg), weights,
                          trained_on=trained_on)
     return model.eval(), info
 
@@ -107,7 +115,9 @@ def init_from_checkpoint(model: MAR, checkpoint: str | Path) -> list[str]:
     the file did not provide (a fusion's new parameters), sorted. Keys of the file that the model lacks
     and shape mismatches are refused: the architectures must agree apart from the fusion."""
     obj = load_file(checkpoint)
+    refuse_other_format(obj, (OWN_FORMAT, CHECKPOINT_FORMAT), checkpoint, "a MAR model to initialise from")
     state_dict, _ = _weights(obj, checkpoint)
+    check_state_dict(state_dict, checkpoint)  # finite weights: this load is not strict, so not via load_strict
     expected = model.state_dict()
     unexpected = sorted(k for k in state_dict if k not in expected)
     mismatched = [f"{k} {list(v.shape)} vs {list(expected[k].shape)}" for k, v in sorted(state_dict.items())

@@ -17,6 +17,7 @@ import math
 from dataclasses import replace
 
 import torch
+from einops import rearrange
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -118,15 +119,11 @@ class MAR(nn.Module):
 
     def patchify(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] -> [B, L, C * p * p], tokens row-major, each token channel-major then (p, p)."""
-        b, c, h, w = latents.shape
-        p = self.cfg.patch_size
-        x = latents.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // p) * (w // p), c * p * p)
+        return rearrange(latents, "b c (h p) (w q) -> b (h w) (c p q)", p=self.cfg.patch_size, q=self.cfg.patch_size)
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        b, p, s, c = tokens.shape[0], self.cfg.patch_size, self.cfg.seq_size, self.cfg.latent_channels
-        x = tokens.reshape(b, s, s, c, p, p).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(b, c, s * p, s * p)
+        p = self.cfg.patch_size
+        return rearrange(tokens, "b (h w) (c p q) -> b c (h p) (w q)", h=self.cfg.seq_size, p=p, q=p)
 
     # ----- inputs -----------------------------------------------------------------------------------
 

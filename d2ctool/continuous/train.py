@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from d2ctool.continuous.config import ContinuousConfig
 from d2ctool.continuous.load import init_from_checkpoint, preset_config
@@ -20,6 +21,7 @@ from d2ctool.continuous.model import MAR
 from d2ctool.continuous.sample import sample_latents
 from d2ctool.data.encoded import EncodedManifest, first_samples, sample_codes, sample_moments
 from d2ctool.errors import UserError
+from d2ctool.identity import shard_input
 from d2ctool.progress import info
 from d2ctool.tokenizers.kl import posterior_latents
 from d2ctool.tokenizers.latent_norm import from_manifest
@@ -47,8 +49,9 @@ class ContinuousTask(EncodedShardsTask):
 
     def __init__(self, cfg: ContinuousConfig):
         super().__init__(cfg, "continuous")
-        self.norm = from_manifest(self.manifest.data)
+        self.norm = from_manifest(self.manifest.data, f"{Path(cfg.data) / 'manifest.json'}")
         self._model_cfg = model_config_for_data(cfg, self.manifest)
+        self.tokens_per_sample = self._model_cfg.seq_len
         self.model_config = dataclasses.asdict(self._model_cfg)
         self._kl_record = self.manifest.kl
         if not Path(self._kl_record["checkpoint"]).is_file():
@@ -75,7 +78,9 @@ class ContinuousTask(EncodedShardsTask):
 
     def loss(self, model, batch, device):
         latents, labels, codes = (t.to(device, non_blocking=True) for t in batch)
-        return model(latents, labels, codes if self._model_cfg.fusion != "none" else None), {}
+        loss = model(latents, labels, codes if self._model_cfg.fusion != "none" else None)
+        head = _unwrapped(model).diffloss
+        return loss, loss_by_noise_level(*head.last_terms, head.train_schedule.num_steps)
 
     def kl(self, device: torch.device):
         if self._kl is None:
@@ -100,12 +105,34 @@ class ContinuousTask(EncodedShardsTask):
         save_grid(path, to_uint8(images), len(means), ["real", "stage 2"])
 
 
-def train_continuous(cfg: ContinuousConfig, resolved_config: dict, resolved_yaml: str) -> TrainResult:
+NOISE_BUCKETS = 4
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def loss_by_noise_level(t: torch.Tensor, loss: torch.Tensor, mask: torch.Tensor | None, num_steps: int) -> dict:
+    """The head's mean loss over the masked tokens in NOISE_BUCKETS equal ranges of the diffusion step t
+    (`loss_t0-249` is the least noisy quarter): which noise levels the head has not learned yet."""
+    weight = torch.ones_like(loss) if mask is None else mask.to(loss.dtype)
+    bucket = (t * NOISE_BUCKETS // num_steps).clamp(max=NOISE_BUCKETS - 1)
+    sums = torch.zeros(NOISE_BUCKETS, device=loss.device).index_add_(0, bucket, loss.float() * weight)
+    counts = torch.zeros(NOISE_BUCKETS, device=loss.device).index_add_(0, bucket, weight.float())
+    width = num_steps // NOISE_BUCKETS
+    return {f"loss_t{i * width}-{(i + 1) * width - 1}": float(sums[i] / counts[i])
+            for i in range(NOISE_BUCKETS) if counts[i] > 0}
+
+
+def train_continuous(cfg: ContinuousConfig, resolved_config: dict, resolved_yaml: str,
+                     steps_given: bool = True) -> TrainResult:
     if not cfg.out:
         raise UserError("continuous.out is not set: give the run folder")
     task = ContinuousTask(cfg)
     resolved_config = {**resolved_config, "trained_on": trained_on(task.manifest)}
-    return Trainer(task, cfg.train, cfg.out, resolved_config, resolved_yaml).run()
+    return Trainer(task, cfg.train, cfg.out, resolved_config, resolved_yaml, {"data": shard_input(cfg.data)},
+                   steps_given).run()
 
 
 def trained_on(manifest: EncodedManifest) -> dict:

@@ -22,6 +22,6 @@ class PrepareConfig:
     shard_size: int = bounded(1000, min=1)  # source files per shard (rejected ones leave a shard a little short)
     seed: int = 0  # global shuffle order
     workers: int = bounded(0, min=0)  # verification processes; 0 = one per CPU core (does not change the output)
-    labels: str | None = None  # flat folder (e.g. ImageNet val): labels file, see README "Preparing data"
+    labels: str | None = None  # flat folder (e.g. ImageNet val): labels file, see docs/data.md
     classes: str | None = None  # class order: a text file (one name per line) or a prepare manifest.json
     synthetic: SyntheticConfig = nested(SyntheticConfig)

@@ -31,6 +31,7 @@ from PIL import Image
 
 from d2ctool.data.members import SampleCheck, decode_failure
 from d2ctool.data.shards import IMAGE_FORMAT, iter_tar, load_manifest
+from d2ctool.data.transforms import to_rgb
 from d2ctool.distributed import rank_and_world
 from d2ctool.errors import UserError
 
@@ -50,7 +51,7 @@ def decode_image(data: bytes, where: str | None = None) -> Image.Image:
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise decode_failure(e, where) from None
 

@@ -124,8 +124,9 @@ def _mismatch(entry: dict, size: int, sha256=None) -> str | None:
     return None
 
 
-def verify_shards(root: str | Path, manifest: dict) -> None:
-    """Check every shard's sha256 against the manifest (reads every byte once)."""
+def verify_shards(root: str | Path, manifest: dict) -> int:
+    """Check every shard's sha256 against the manifest (reads every byte once). Returns how many shards had a
+    sha256 to check: a manifest entry without one can only be checked by size."""
     from d2ctool.io import sha256_file
 
     for entry in manifest["shards"]:
@@ -133,6 +134,7 @@ def verify_shards(root: str | Path, manifest: dict) -> None:
         problem = _mismatch(entry, path.stat().st_size, lambda: sha256_file(path))
         if problem:
             raise UserError(f"shard {path}: {problem}; {_remake(manifest, root)}")
+    return sum("sha256" in entry for entry in manifest["shards"])
 
 
 def npy_bytes(array) -> bytes:
@@ -187,3 +189,9 @@ def load_manifest(root: str | Path, kind: str = IMAGE_FORMAT, verify: bool = Fal
     if verify:
         verify_shards(root, manifest)
     return manifest
+
+
+def shard_paths(root: str | Path, kind: str = "d2c-image-shards") -> list[str]:
+    """The shard files of a checked folder, in manifest order: what `webdataset.WebDataset` takes to stream our
+    shards into a user's own pipeline (see docs/data.md, "Streaming shards into your own pipeline")."""
+    return [str(Path(root) / entry["file"]) for entry in load_manifest(root, kind)["shards"]]

@@ -3,11 +3,13 @@
 A source is scanned into a sorted list of items (relative path or synthetic index, class index) and
 the class names in index order. Scanning only lists files; decoding happens later, in parallel.
 
-Rules (also in the README):
+Rules (also in docs/data.md):
 - Class folders are the non-hidden sub-folders of the root, in sorted order: ImageNet's wnids get the
   standard indices 0..999. Files anywhere below a class folder belong to it.
 - Hidden files and folders (names starting with '.') are ignored. Symbolic links are followed, to
-  files and to folders, each real folder visited once; a link to nothing is listed as rejected.
+  files and to folders, each real folder visited once; a link to nothing, and a link to the source
+  folder, one of its ancestors or into another class's folder, are listed as rejected (not followed).
+- A file or folder name that is not valid UTF-8 is listed as rejected (its bytes shown as \\xNN).
 - Only regular files are read: FIFOs, sockets and devices are listed as rejected and never opened
   (opening a FIFO would block forever).
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import re
 import stat
@@ -26,6 +27,7 @@ from pathlib import Path
 from d2ctool.data import synthetic
 from d2ctool.data.config import PrepareConfig
 from d2ctool.errors import UserError
+from d2ctool.io import read_json_object
 
 SYNTHETIC = "synthetic"
 
@@ -50,25 +52,62 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk_files(root: Path, top: Path, rejected: list[dict]) -> list[str]:
-    """Every non-hidden file below `top`, as paths relative to `root`, following links without cycles."""
-    found, seen = [], set()
+def _safe_name(rel: str) -> str | None:
+    """None when `rel` is valid UTF-8 text, else a printable stand-in (bad bytes as \\xNN) for rejected.jsonl."""
+    try:
+        rel.encode("utf-8")
+        return None
+    except UnicodeEncodeError:  # os.walk gives undecodable bytes as surrogates
+        return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk_files(root: Path, top: Path, rejected: list[dict], seen: set[str] | None = None,
+                other_classes: tuple[str, ...] = ()) -> list[str]:
+    """Every non-hidden file below `top`, as paths relative to `root`, following links without cycles.
+
+    A real folder is read once (`seen` is shared by the class folders of one tree). A link to the tree's root or
+    one of its ancestors, or into another class's folder (real paths in `other_classes`), is not followed, so
+    no image is reached from two classes; a name that is not valid UTF-8 is rejected, not fatal.
+    """
+    found, seen = [], set() if seen is None else seen
+    real_root = os.path.realpath(root)
 
     def onerror(err: OSError):
-        rejected.append({"path": os.path.relpath(err.filename, root), "reason": f"unreadable folder: {err.strerror}"})
+        rel = os.path.relpath(err.filename, root)
+        rejected.append({"path": _safe_name(rel) or rel, "reason": f"unreadable folder: {err.strerror}"})
 
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=onerror):
         real = os.path.realpath(dirpath)
-        if real in seen:  # a link back into the tree
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        if real in seen:  # a link back into the tree, or a folder another link reached first
+            dirnames[:] = []
+            continue
+        if dirpath != str(top) and (_inside(real_root, real) or any(_inside(real, c) for c in other_classes)):
+            reason = ("a link to the source folder or one of its ancestors" if _inside(real_root, real)
+                      else "a link into another class's folder")
+            rejected.append({"path": _safe_name(rel_dir) or rel_dir, "reason": f"{reason}: not followed"})
             dirnames[:] = []
             continue
         seen.add(real)
+        if _safe_name(rel_dir) is not None:
+            rejected.append({"path": _safe_name(rel_dir), "reason": "folder name is not valid UTF-8 text: not read; "
+                                                                   "rename it"})
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
         for name in sorted(filenames):
             if _hidden(name):
                 continue
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, root).replace(os.sep, "/")
+            if _safe_name(rel) is not None:
+                rejected.append({"path": _safe_name(rel), "reason": "file name is not valid UTF-8 text: not read; "
+                                                                    "rename it"})
+                continue
             try:
                 mode = os.stat(path).st_mode  # follows links
             except OSError as e:
@@ -106,10 +145,9 @@ def _class_order(names: set[str], classes_file: str | None) -> list[str]:
         raise UserError(f"classes file not found: {path} (prepare.classes: a text file with one class name "
                         "per line, or the manifest.json of another prepare output)")
     if path.suffix == ".json":
-        try:
-            order = json.loads(path.read_text())["classes"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path}: not a prepare manifest (no 'classes' list)") from None
+        order = read_json_object(path, "give a prepare manifest.json or a text file of class names").get("classes")
+        if not isinstance(order, list) or not all(isinstance(name, str) for name in order):
+            raise UserError(f"{path}: not a prepare manifest (no 'classes' list of names)")
     else:
         order = [line.strip() for line in _read_text(path).splitlines() if line.strip() and not line.startswith("#")]
     if len(set(order)) != len(order):
@@ -123,6 +161,8 @@ def _class_order(names: set[str], classes_file: str | None) -> list[str]:
 
 def scan_folder_tree(root: Path, cfg: PrepareConfig) -> Source:
     entries = sorted((e for e in os.scandir(root) if not _hidden(e.name)), key=lambda e: e.name)
+    undecodable = [e for e in entries if _safe_name(e.name) is not None]  # no class name can hold them
+    entries = [e for e in entries if _safe_name(e.name) is None]
     class_dirs = [e.name for e in entries if e.is_dir()]
     if not class_dirs:
         raise UserError(f"{root} has no class folders. A class-per-folder tree is ROOT/<class>/<image>; "
@@ -134,18 +174,23 @@ def scan_folder_tree(root: Path, cfg: PrepareConfig) -> Source:
     index = {name: i for i, name in enumerate(classes)}
     rejected: list[dict] = []
     refs, labels = [], []
+    real_classes = {name: os.path.realpath(root / name) for name in class_dirs}
+    seen: set[str] = set()
     for name in class_dirs:
-        files = _walk_files(root, root / name, rejected)
+        others = tuple(real for real in real_classes.values() if real != real_classes[name])
+        files = _walk_files(root, root / name, rejected, seen, others)
         refs.extend(files)
         labels.extend([index[name]] * len(files))
     rejected += [{"path": e.name, "reason": "file outside any class folder"} for e in entries if e.is_file()]
+    rejected += [{"path": _safe_name(e.name), "reason": "name is not valid UTF-8 text: not read; rename it"}
+                 for e in undecodable]
     order = sorted(range(len(refs)), key=refs.__getitem__)
     return Source("folder", str(root.resolve()), classes, [refs[i] for i in order], [labels[i] for i in order],
                   sorted(rejected, key=lambda r: r["path"]))
 
 
 def read_labels_file(path: Path) -> dict[str, str]:
-    """Map file name (or stem) -> class name. See the README for the two accepted formats."""
+    """Map file name (or stem) -> class name. See docs/data.md for the two accepted formats."""
     if not path.is_file():
         raise UserError(f"labels file not found: {path}")
     lines = _read_text(path).splitlines()

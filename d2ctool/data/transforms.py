@@ -6,6 +6,18 @@ import numpy as np
 from PIL import Image
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of any decoded image. High-bit-depth grayscale (16-bit PNG: mode I;16 or I) is scaled to 8 bits
+    with its range kept (Pillow's own conversion clips every value above 255 to white); grayscale, palette,
+    CMYK and alpha convert as Pillow does (alpha dropped)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        full = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        gray = np.clip(np.round(values * (255.0 / full)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    return image.convert("RGB")
+
+
 def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
     """ADM's center crop (guided-diffusion `center_crop_arr`), used by MAR, LlamaGen and the evaluator.
 

@@ -9,6 +9,7 @@ import warnings
 from PIL import Image, UnidentifiedImageError
 
 from d2ctool.data import synthetic
+from d2ctool.data.transforms import to_rgb
 
 # Formats kept as they are, and the extension their bytes get in the shards.
 ACCEPTED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
@@ -27,7 +28,7 @@ def decode_check(data: bytes) -> tuple[str | None, dict]:
                     return f"unsupported image format {fmt} (accepted: {', '.join(ACCEPTED_FORMATS)})", {}
                 img.load()  # decodes every byte: truncated or corrupt data raises here
                 width, height, mode = img.width, img.height, img.mode
-                img.convert("RGB")  # CMYK, palette, grayscale, alpha: must convert when read
+                to_rgb(img)  # CMYK, palette, grayscale, alpha, 16-bit: must convert when read
     except UnidentifiedImageError:
         return "not an image (no known image format in its bytes)", {}
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -107,6 +107,9 @@ class SamplingConfig:
     def resolved(self) -> SamplingConfig:
         """These settings with the preset's applied (the ones generation uses)."""
         if self.preset is None:
+            if self.cfg_power and self.cfg_schedule != "power-cosine":
+                raise UserError(f"stage1.cfg_power {self.cfg_power} is only used by cfg_schedule power-cosine, "
+                                f"not {self.cfg_schedule}: set the schedule too, or leave cfg_power 0")
             return self
         if self.preset not in SAMPLING_PRESETS:
             raise UserError(f"unknown stage-1 sampling preset '{self.preset}'; choose one of "

@@ -9,12 +9,14 @@ from pathlib import Path
 
 from torch import nn
 
-from d2ctool.checkpoints import CHECKPOINT_FORMAT, load_file, load_strict, run_checkpoint, unwrap
-from d2ctool.config import build
+from d2ctool.checkpoints import (CHECKPOINT_FORMAT, load_file, load_strict, mapping_entry, refuse_other_format,
+                                  run_checkpoint, state_dict_entry, unwrap, weights_entry)
+from d2ctool.config import ConfigError, build
 from d2ctool.discrete.config import GPTConfig, RARConfig, StageOneConfig, preset
 from d2ctool.discrete.model import GPT
 from d2ctool.discrete.rar import POSITION_ROWS_EXTRA, RAR
 from d2ctool.errors import UserError
+from d2ctool.identity import file_sha256
 
 # LlamaGen's sampler reads "model", also a raw state dict, "module" or "state_dict"; rar_*.bin is a raw state dict
 OFFICIAL_KEYS = ("model", "module", "state_dict")
@@ -43,12 +45,15 @@ def model_record(cfg: StageOneConfig) -> dict:
     return {"family": family(cfg), **dataclasses.asdict(cfg)}
 
 
-def config_from_record(record: dict) -> StageOneConfig:
+def config_from_record(record: dict, source: str | Path = "a stage-1 checkpoint") -> StageOneConfig:
     record = dict(record)
     name = record.pop("family", "gpt")  # checkpoints written before RAR existed are GPTs
-    if name not in FAMILIES:
-        raise UserError(f"a stage-1 checkpoint of unknown model family '{name}' (known: {', '.join(FAMILIES)})")
-    return build(FAMILIES[name][0], record)
+    if not isinstance(name, str) or name not in FAMILIES:
+        raise UserError(f"{source}: a stage-1 model of unknown family {name!r} (known: {', '.join(FAMILIES)})")
+    try:
+        return build(FAMILIES[name][0], record)
+    except ConfigError as e:
+        raise UserError(f"{source}: its stage-1 model config is invalid ({e})") from None
 
 
 def official_rar_shape(cfg: RARConfig, state_dict: dict, source: str) -> RARConfig:
@@ -75,14 +80,15 @@ def load_stage1(path: str | Path, cfg: StageOneConfig | None = None, use_ema: bo
     """
     path = run_checkpoint(path)
     obj = load_file(path)
+    refuse_other_format(obj, (CHECKPOINT_FORMAT,), path, "a stage-1 (discrete) model")
     if obj.get("format") == CHECKPOINT_FORMAT:
         if obj.get("task") != "train-discrete":
             raise UserError(f"{path} is a `d2c {obj.get('task')}` checkpoint, not a stage-1 (train-discrete) one")
-        model_cfg = config_from_record(obj["model_config"])
+        model_cfg = config_from_record(mapping_entry(obj, "model_config", path), path)
         if cfg is not None:
             check_compatible(model_cfg, cfg, str(path))
-        weights = "ema" if use_ema and obj.get("ema") else "model"
-        state_dict = obj[weights]
+        weights = weights_entry(obj, use_ema)
+        state_dict = state_dict_entry(obj, weights, path)
     else:
         if cfg is None:
             raise UserError(f"{path} is an official checkpoint: its model preset must be given")
@@ -94,7 +100,8 @@ def load_stage1(path: str | Path, cfg: StageOneConfig | None = None, use_ema: bo
         model_cfg = official_rar_shape(cfg, state_dict, str(path)) if isinstance(cfg, RARConfig) else cfg
     model = build_model(model_cfg)
     load_strict(model, state_dict, str(path), f"the discrete (stage-1) {family(model_cfg).upper()} model")
-    return model.eval(), {"checkpoint": str(path), "weights": weights, "step": obj.get("step")}
+    return model.eval(), {"checkpoint": str(Path(path).resolve()), "sha256": file_sha256(path), "weights": weights,
+                          "step": obj.get("step")}
 
 
 def check_compatible(model_cfg: StageOneConfig, wanted: StageOneConfig, source: str) -> None:

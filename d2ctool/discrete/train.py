@@ -24,6 +24,7 @@ from d2ctool.discrete.load import build_model, check_compatible, data_config, fa
 from d2ctool.discrete.blocks import code_loss
 from d2ctool.discrete.rar import RAR
 from d2ctool.errors import UserError
+from d2ctool.identity import shard_input
 from d2ctool.tokenizers.load import load_tokenizer
 from d2ctool.training.stage import EncodedShardsTask
 from d2ctool.training.trainer import Trainer, TrainResult
@@ -55,6 +56,7 @@ class DiscreteTask(EncodedShardsTask):
         model_cfg = model_config_for_data(cfg, self.manifest)
         cfg.sampling.resolved()  # an unknown sampling preset fails now, not at the first grid
         self.model_config = model_record(model_cfg)
+        self.tokens_per_sample = model_cfg.grid ** 2
         self._model_cfg = model_cfg
         self._vq_record = self.manifest.vq
         self._vq = None
@@ -76,7 +78,8 @@ class DiscreteTask(EncodedShardsTask):
 
     def loss(self, model, batch, device):
         codes, labels = (t.to(device, non_blocking=True) for t in batch)
-        return code_loss(model(codes, labels), codes), {}
+        logits = model(codes, labels)
+        return code_loss(logits, codes), {"token_accuracy": (logits.argmax(-1) == codes).float().mean().item()}
 
     def vq(self, device: torch.device):
         if self._vq is None:
@@ -102,9 +105,11 @@ def check_vq_available(task: DiscreteTask) -> None:
                         "(restore it: it decodes the periodic sample grids)")
 
 
-def train_discrete(cfg: DiscreteConfig, resolved_config: dict, resolved_yaml: str) -> TrainResult:
+def train_discrete(cfg: DiscreteConfig, resolved_config: dict, resolved_yaml: str,
+                   steps_given: bool = True) -> TrainResult:
     if not cfg.out:
         raise UserError("discrete.out is not set: give the run folder")
     task = DiscreteTask(cfg)
     check_vq_available(task)
-    return Trainer(task, cfg.train, cfg.out, resolved_config, resolved_yaml).run()
+    return Trainer(task, cfg.train, cfg.out, resolved_config, resolved_yaml, {"data": shard_input(cfg.data)},
+                   steps_given).run()

@@ -1,27 +1,28 @@
 """On-disk cache of extracted features, keyed by the input's content hash, the extractor and the settings.
 
 One npz per entry (`<kind>-<key>.npz`), written to a temporary name and renamed, so an interrupted run
-leaves no partial entry. An unreadable entry is ignored and recomputed.
+leaves no partial entry. An unreadable, non-finite or mis-shaped entry is ignored and recomputed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from d2ctool.io import atomic_path
+from d2ctool.checks import check_array
+from d2ctool.errors import UserError
+from d2ctool.io import atomic_path, read_npz
 from d2ctool.progress import info
 
 
 def default_cache_dir() -> Path:
-    if os.environ.get("D2C_CACHE_DIR"):
-        return Path(os.environ["D2C_CACHE_DIR"]) / "fid"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "d2c" / "fid"
+    from d2ctool.identity import cache_root
+
+    return cache_root() / "fid"
 
 
 def make_cache(cfg) -> "FeatureCache":
@@ -42,16 +43,24 @@ class FeatureCache:
     def path(self, kind: str, key: str) -> Path | None:
         return self.root / f"{kind}-{key}.npz" if self.root is not None else None
 
-    def load(self, kind: str, key: str) -> tuple[dict[str, np.ndarray], dict] | None:
+    def load(self, kind: str, key: str, check: Callable[[dict, dict], None] | None = None
+             ) -> tuple[dict[str, np.ndarray], dict] | None:
+        """The entry's (arrays, meta), or None when absent, unreadable, or refused by `check` (which raises a
+        UserError naming the problem): such an entry is recomputed, never trusted."""
         path = self.path(kind, key)
         if path is None or not path.is_file():
             return None
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files if k != "meta"}
-                meta = json.loads(str(data["meta"]))
+            arrays = read_npz(path)
+            meta = json.loads(str(arrays.pop("meta")))
+            if not isinstance(meta, dict):
+                raise UserError("its metadata is not a JSON object")
+            for name, array in arrays.items():
+                check_array(array, name, finite=True)
+            if check is not None:
+                check(arrays, meta)
         except Exception as e:  # noqa: BLE001 - a damaged entry is recomputed, not fatal
-            info(f"fid: ignoring unreadable cache entry {path} ({type(e).__name__}: {e})")
+            info(f"fid: ignoring damaged cache entry {path} ({type(e).__name__}: {e}); recomputing it")
             return None
         return arrays, meta
 

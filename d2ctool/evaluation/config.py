@@ -32,6 +32,8 @@ class FidConfig:
     seed: int = 0  # which reference images are kept (a seeded choice over all of them)
     is_split_size: int = bounded(5000, min=1)  # Inception Score: consecutive splits of this many samples (ADM)
     pr_k: int = bounded(3, min=1)  # precision/recall: k of the k-nearest-neighbour manifolds (ADM: 3)
+    kid_subsets: int = bounded(100, min=1)  # KID: random subsets averaged (clean-fid's default) ...
+    kid_subset_size: int = bounded(1000, min=2)  # ... of at most this many samples and reference images each
     pr_batch_size: int = bounded(10000, min=1)  # rows per block of pairwise distances (memory/speed trade-off)
     cache: bool = True  # cache features on disk, keyed by the input's content hash and the extractor
     cache_dir: str | None = None  # default: $D2C_CACHE_DIR/fid, else $XDG_CACHE_HOME/d2c/fid, else ~/.cache/d2c/fid

@@ -18,10 +18,12 @@ from d2ctool.errors import UserError
 from d2ctool.evaluation import metrics as M
 from d2ctool.evaluation.cache import FeatureCache, make_cache
 from d2ctool.evaluation.features import RANDOM_LABEL, Extractor, Features, extractor_label, full_float32
-from d2ctool.evaluation.inputs import ImageSet, ReferenceNpz, is_shard_folder, load_reference_npz, open_images
+from d2ctool.evaluation.inputs import (ImageSet, ReferenceNpz, is_sample_folder, is_shard_folder, load_reference_npz,
+                                       open_images)
 from d2ctool.evaluation.reference import cached_reference, extract_features, versions
 from d2ctool.evaluation.weights import WEIGHTS_FILE
-from d2ctool.io import check_writable, sha256_file, write_json
+from d2ctool.identity import file_sha256
+from d2ctool.io import check_writable, write_json
 from d2ctool.progress import info
 
 ADM_NUM_SAMPLES = 50_000
@@ -85,7 +87,7 @@ def reference_features(ref: ReferenceNpz | ImageSet, extractor: Extractor, cfg, 
     """Statistics and precision/recall features of an opened reference (see open_reference)."""
     if isinstance(ref, ReferenceNpz):
         ref_path = ref.path
-        info_ = {"path": str(ref_path), "kind": "npz", "sha256": sha256_file(ref_path),
+        info_ = {"path": str(ref_path), "kind": "npz", "sha256": file_sha256(ref_path),
                  "d2c_meta": ref.meta is not None}
         usable, made_by = stored_stats_usable(ref.meta, extractor) if ref.has_stats else (False, "")
         pool = spatial = None
@@ -125,7 +127,8 @@ def reference_features(ref: ReferenceNpz | ImageSet, extractor: Extractor, cfg, 
 
 
 def compute_metrics(samples: Features, ref: RefFeatures, *, is_split_size: int = 5000, k: int = 3,
-                    pr_batch_size: int = 10000, device="cpu") -> dict:
+                    pr_batch_size: int = 10000, device="cpu", kid_subsets: int = 100,
+                    kid_subset_size: int = 1000) -> dict:
     """The numbers, from features alone."""
     if len(samples) < 2:
         raise UserError(f"FID needs at least 2 samples, got {len(samples)}")
@@ -139,6 +142,9 @@ def compute_metrics(samples: Features, ref: RefFeatures, *, is_split_size: int =
     else:
         out["inception_score"] = None
         out["inception_score_reason"] = "no logits: the Inception weights have no logits layer"
+    # KID needs the reference's features, not only its mu/sigma (an ADM batch has them via its images)
+    out["kid"] = M.kernel_inception_distance(samples.pool, ref.pool, kid_subsets, kid_subset_size) \
+        if ref.pool is not None and min(len(ref.pool), len(samples)) >= 2 else None
     if ref.pool is not None and len(ref.pool) > k and len(samples) > k:
         out["precision"], out["recall"] = M.precision_recall(ref.pool, samples.pool, k, pr_batch_size, device)
     else:
@@ -166,8 +172,11 @@ def comparability(extractor: Extractor, num_samples: int, ref_info: dict) -> lis
 
 
 def default_out(samples: str | Path) -> Path:
-    """metrics.json beside the samples (in the folder holding the sample folder or npz)."""
+    """metrics.json inside a `d2c sample` folder, else beside the samples (in the folder holding the image folder
+    or npz)."""
     samples = Path(samples)
+    if is_sample_folder(samples):
+        return samples / "metrics.json"
     return samples.resolve().parent / "metrics.json"
 
 
@@ -204,7 +213,8 @@ def run_fid(samples_path: str | Path, ref_path: str | Path, cfg, out: str | Path
     ref = reference_features(reference, extractor, cfg, cache)
     with full_float32():
         values = compute_metrics(sample_feats, ref, is_split_size=cfg.is_split_size, k=cfg.pr_k,
-                                 pr_batch_size=cfg.pr_batch_size, device=extractor.device)
+                                 pr_batch_size=cfg.pr_batch_size, device=extractor.device,
+                                 kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size)
 
     if values["inception_score"] is None and extractor.weights is not None:
         values["inception_score_reason"] = (f"no logits: {extractor.weights.logits_note}; NVIDIA's {WEIGHTS_FILE} "
@@ -240,6 +250,9 @@ def run_fid(samples_path: str | Path, ref_path: str | Path, cfg, out: str | Path
                "samples": {**samples.describe(), "content_sha256": samples.content_sha256(),
                            "image_size": list(size) if size else None},
                "reference": ref.info,
+               "inputs": {"samples": {"path": str(samples.path.resolve()), "sha256": samples.content_sha256()},
+                          "reference": {"path": str(Path(ref_path).resolve()),
+                                        "sha256": ref.info.get("sha256") or ref.info.get("content_sha256")}},
                "notes": notes,
                "settings": to_dict(cfg),
                "device": str(extractor.device),
@@ -256,7 +269,8 @@ def format_table(metrics: dict) -> str:
         return "n/a" if v is None else format(v, fmt)
 
     ext = metrics["extractor"]
-    rows = [("FID", num(metrics["fid"], ".4f")), ("sFID", num(metrics["sfid"], ".4f")),
+    rows = [("FID", num(metrics["fid"], ".4f")), ("KID", num(metrics.get("kid"), ".5f")),
+            ("sFID", num(metrics["sfid"], ".4f")),
             ("Inception Score", num(metrics["inception_score"], ".4f")),
             ("Precision", num(metrics["precision"], ".4f")), ("Recall", num(metrics["recall"], ".4f")),
             ("samples", str(metrics["num_samples"])),

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from d2ctool.errors import UserError
-from d2ctool.io import write_bytes, write_json, write_text
+from d2ctool.io import write_bytes
 
 FORMAT = "d2c-frontier"
 # short names of settings in plot labels (others: the setting's last part)
@@ -219,17 +219,22 @@ def frontier_picture(result: dict, width: int = 960, height: int = 640) -> Image
     return canvas
 
 
-def write_frontier(out: str | Path, rows: list[dict], title: str = "Frontier") -> dict:
-    """frontier.json, frontier.md and frontier.png in `out`."""
+def render_frontier(rows: list[dict], title: str = "Frontier") -> dict[str, bytes]:
+    """frontier.json, frontier.md and frontier.png, rendered (nothing written)."""
     result = frontier(rows)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "frontier.json", {"title": title, **result})
-    write_text(out / "frontier.md", frontier_markdown(result, title))
     buf = io.BytesIO()
     frontier_picture(result).save(buf, format="PNG")
-    write_bytes(out / "frontier.png", buf.getvalue())
-    return result
+    return {"frontier.json": (json.dumps({"title": title, **result}, indent=1) + "\n").encode(),
+            "frontier.md": frontier_markdown(result, title).encode(), "frontier.png": buf.getvalue()}
+
+
+def write_frontier(out: str | Path, rows: list[dict], title: str = "Frontier") -> None:
+    """frontier.json, frontier.md and frontier.png in `out`."""
+    files = render_frontier(rows, title)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        write_bytes(out / name, data)
 
 
 def read_points(sweep: str | Path) -> list[dict]:

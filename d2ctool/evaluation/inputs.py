@@ -26,8 +26,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from d2ctool.errors import UserError
-from d2ctool.io import sha256_file
-from d2ctool.evaluation.network import NUM_FEATURES
+from d2ctool.checks import check_array
+from d2ctool.identity import file_sha256
+from d2ctool.io import read_npz, sha256_file
+from d2ctool.evaluation.network import NUM_FEATURES, NUM_SPATIAL_FEATURES
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -180,7 +182,7 @@ class NpzImages(ImageSet):
 
     def content_sha256(self) -> str:
         if not hasattr(self, "_sha"):
-            self._sha = sha256_file(self.path)
+            self._sha = file_sha256(self.path)
         return self._sha
 
 
@@ -219,9 +221,11 @@ class FolderImages(ImageSet):
     def _decode(self, path: Path, expected) -> np.ndarray:
         from PIL import Image
 
+        from d2ctool.data.transforms import to_rgb
+
         try:
             with Image.open(path) as img:
-                image = img.convert("RGB")
+                image = to_rgb(img)
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds
             raise UserError(f"{path}: cannot be decoded as an image ({type(e).__name__}: {e}); remove or replace "
                             "it") from None
@@ -275,8 +279,32 @@ class ShardImages(ImageSet):
         return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
 
 
+def _manifest_format(path: Path) -> str | None:
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: load_manifest names the problem
+
+
+def is_sample_folder(path: Path) -> bool:
+    """A `d2c sample` output folder (manifest.json of format d2c-samples)."""
+    from d2ctool.sampling.run import FORMAT
+
+    return path.is_dir() and (path / "manifest.json").is_file() and _manifest_format(path) == FORMAT
+
+
 def is_shard_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "manifest.json").is_file()
+    return path.is_dir() and (path / "manifest.json").is_file() and not is_sample_folder(path)
+
+
+def sample_folder_images(path: Path) -> ImageSet:
+    """A `d2c sample` folder's images: its samples.npz, or its images/ when the npz is absent."""
+    if (path / "samples.npz").is_file():
+        return NpzImages(path / "samples.npz")
+    if (path / "images").is_dir():
+        return FolderImages(path / "images")
+    raise UserError(f"{path}: a `d2c sample` folder without samples.npz or images/; re-run the `d2c sample` "
+                    "command that made it")
 
 
 def open_images(path: str | Path, *, crop: int | None = None, workers: int = 0, what: str = "images") -> ImageSet:
@@ -288,6 +316,8 @@ def open_images(path: str | Path, *, crop: int | None = None, workers: int = 0, 
         if path.suffix.lower() != ".npz":
             raise UserError(f"{path}: {what} must be an ADM-format .npz file, an image folder or a shard folder")
         return NpzImages(path)
+    if is_sample_folder(path):
+        return sample_folder_images(path)
     if is_shard_folder(path):
         return ShardImages(path, crop, workers)
     return FolderImages(path, crop, workers)
@@ -314,29 +344,34 @@ class ReferenceNpz:
 
 
 def load_reference_npz(path: str | Path) -> ReferenceNpz:
+    """An ADM reference batch, every array and the metadata checked before any feature is extracted: mu/sigma
+    and mu_s/sigma_s in pairs, float, finite, of the Inception feature sizes; arr_0 uint8 images; d2c_meta JSON."""
     path = Path(path)
     keys = npz_keys(path)
+    remedy = ("use an ADM reference batch such as VIRTUAL_imagenet256_labeled.npz or write a new one with "
+              "`d2c fid-ref`")
+    arrays = read_npz(path, [*STAT_KEYS, "d2c_meta"], remedy)
     ref = ReferenceNpz(path)
-    with np.load(path, allow_pickle=False) as data:
-        for key in STAT_KEYS:
-            if key in keys:
-                ref.stats[key] = np.asarray(data[key], dtype=np.float64)
-        if "d2c_meta" in keys:
-            ref.meta = json.loads(str(data["d2c_meta"]))
-    if ("mu" in ref.stats) != ("sigma" in ref.stats):
-        raise UserError(f"{path}: has {'mu' if 'mu' in ref.stats else 'sigma'} without "
-                        f"{'sigma' if 'mu' in ref.stats else 'mu'}; a reference needs both (or neither, with images)")
-    if ref.has_stats:
-        mu, sigma = ref.stats["mu"], ref.stats["sigma"]
-        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-            raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
-        if len(mu) != NUM_FEATURES:  # checked here, before any feature is extracted
-            raise UserError(f"{path}: mu/sigma have {len(mu)} dimensions, Inception pool_3 features have "
-                            f"{NUM_FEATURES}; this is not an FID reference of this protocol")
+    for mean, cov, dim in (("mu", "sigma", NUM_FEATURES), ("mu_s", "sigma_s", NUM_SPATIAL_FEATURES)):
+        if (mean in arrays) != (cov in arrays):
+            have, lack = (mean, cov) if mean in arrays else (cov, mean)
+            raise UserError(f"{path}: has {have} without {lack}; a reference needs both (or neither, with images)")
+        if mean in arrays:
+            ref.stats[mean] = check_array(arrays[mean], f"{path}: {mean}", kinds="f", shape=(dim,), finite=True,
+                                          remedy=remedy).astype(np.float64)
+            ref.stats[cov] = check_array(arrays[cov], f"{path}: {cov}", kinds="f", shape=(dim, dim), finite=True,
+                                         remedy=remedy).astype(np.float64)
+    if "d2c_meta" in arrays:
+        meta = arrays["d2c_meta"]
+        try:
+            ref.meta = json.loads(str(meta)) if meta.ndim == 0 and meta.dtype.kind == "U" else None
+        except ValueError:
+            ref.meta = None
+        if not isinstance(ref.meta, dict) or not isinstance(ref.meta.get("extractor", {}), dict):
+            raise UserError(f"{path}: d2c_meta is not the JSON object `d2c fid-ref` writes; {remedy}")
     if "arr_0" in keys:
         ref.images = NpzImages(path)
     if not ref.has_stats and ref.images is None:
         raise UserError(f"{path}: neither reference statistics (mu, sigma) nor reference images (arr_0) found "
-                        f"(keys: {', '.join(keys) or 'none'}); use an ADM reference batch such as "
-                        "VIRTUAL_imagenet256_labeled.npz or one written by `d2c fid-ref`")
+                        f"(keys: {', '.join(keys) or 'none'}); {remedy}")
     return ref

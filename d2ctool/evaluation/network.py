@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 INPUT_SIZE = 299
 NUM_FEATURES = 2048
+NUM_SPATIAL_FEATURES = 17 * 17 * 7  # sFID: the first 7 channels of mixed_6/conv on its 17x17 grid
 NUM_CLASSES = 1008  # the TF graph's softmax has 1008 outputs (1000 ImageNet classes + unused slots)
 
 

@@ -16,13 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
+from d2ctool.checks import check_array, require_finite
 from d2ctool.errors import UserError
 from d2ctool.evaluation.cache import FeatureCache, cache_key, make_cache
 from d2ctool.evaluation.features import Extractor, Features
 from d2ctool.evaluation.inputs import ImageSet
 from d2ctool.evaluation.metrics import StatsAccumulator
+from d2ctool.evaluation.network import NUM_FEATURES, NUM_SPATIAL_FEATURES
 from d2ctool.io import atomic_path, check_writable
 from d2ctool.progress import Progress, info
+from d2ctool.stopping import StopSignals
 
 FORMAT_VERSION = 1
 
@@ -67,21 +70,57 @@ def save_reference(cache: FeatureCache, images: ImageSet, extractor: Extractor, 
                {"num_images": ref.num_images, "input": images.describe(), "extractor": extractor.describe()})
 
 
+def check_features(arrays: dict, meta: dict | None = None) -> None:
+    """A cached `features` entry: pool [N, 2048], spatial [N, 2023] and logits [N, *] float arrays, N alike."""
+    n = len(check_array(arrays.get("pool"), "pool", kinds="f", shape=(None, NUM_FEATURES)))
+    check_array(arrays.get("spatial"), "spatial", kinds="f", shape=(n, NUM_SPATIAL_FEATURES))
+    check_array(arrays.get("logits"), "logits", kinds="f", shape=(n, None))
+
+
+def check_reference(arrays: dict, meta: dict) -> None:
+    """A cached `reference` entry: the statistics, the kept images' features and their indices."""
+    for mean, cov, dim in (("mu", "sigma", NUM_FEATURES), ("mu_s", "sigma_s", NUM_SPATIAL_FEATURES)):
+        check_array(arrays.get(mean), mean, kinds="f", shape=(dim,))
+        check_array(arrays.get(cov), cov, kinds="f", shape=(dim, dim))
+    check_features(arrays)
+    check_array(arrays.get("kept"), "kept", kinds="iu", shape=(len(arrays["pool"]),))
+    if not isinstance(meta.get("num_images"), int) or meta["num_images"] < 2:
+        raise UserError(f"num_images {meta.get('num_images')!r} is not a count of reference images")
+
+
 def extract_features(images: ImageSet, extractor: Extractor, cache: FeatureCache, desc: str) -> tuple[Features, bool]:
     """All features of an image set, from the cache when this set was seen by this extractor. (features, cached)"""
     key = features_key(images, extractor)
-    hit = cache.load("features", key)
+    hit = cache.load("features", key, check_features)
     if hit is not None:
         arrays, _ = hit
         info(f"{desc}: features of {len(arrays['pool'])} images read from the cache ({cache.path('features', key)})")
         return Features(arrays["pool"], arrays["spatial"], arrays["logits"]), True
-    parts = []
-    with Progress(len(images), desc) as bar:
+    # the features of the first images, kept by a run that was stopped (see d2ctool/stopping.py)
+    partial = cache.load("partial", key)
+    parts = [Features(partial[0]["pool"], partial[0]["spatial"], partial[0]["logits"])] if partial else []
+    start = len(parts[0]) if parts else 0
+    if start:
+        info(f"{desc}: resuming after {start} of {len(images)} images (features kept by a stopped run)")
+    seen = 0
+    with StopSignals() as stop, Progress(len(images), desc, start=start) as bar:
         for batch in images.batches(extractor.batch_size):
+            batch, seen = batch[max(0, start - seen):], seen + len(batch)
+            if not len(batch):
+                continue
+            if stop.requested():  # at a batch boundary: keep the finished batches' features
+                done = Features.concat(parts)
+                kept = cache.save("partial", key, {"pool": done.pool, "spatial": done.spatial,
+                                                   "logits": done.logits}, {"input": images.describe()})
+                raise stop.stop(f"{desc}: features of {len(done)} of {len(images)} images "
+                                + (f"kept in {kept}; run the same command again to resume" if kept else
+                                   "computed, none kept (fid.cache is off)"))
             parts.append(extractor(batch))
             bar.advance(len(batch))
     features = Features.concat(parts)
     save_features(cache, images, extractor, features)
+    if partial and cache.path("partial", key) is not None:
+        cache.path("partial", key).unlink(missing_ok=True)
     return features, False
 
 
@@ -141,7 +180,7 @@ def cached_reference(images: ImageSet, extractor: Extractor, cache: FeatureCache
                      desc: str = "reference") -> tuple[Reference, bool]:
     """compute_reference without the images, through the cache. (reference, cached)"""
     key = reference_key(images, extractor, keep, seed)
-    hit = cache.load("reference", key)
+    hit = cache.load("reference", key, check_reference)
     if hit is not None:
         a, meta = hit
         info(f"{desc}: statistics of {meta['num_images']} images read from the cache ({cache.path('reference', key)})")
@@ -155,6 +194,9 @@ def cached_reference(images: ImageSet, extractor: Extractor, cache: FeatureCache
 def write_reference_npz(path: str | Path, ref: Reference, meta: dict) -> None:
     """The ADM reference-batch layout (arr_0, mu, sigma, mu_s, sigma_s) plus d2c_meta, written atomically."""
     arrays = {"mu": ref.mu, "sigma": ref.sigma, "mu_s": ref.mu_s, "sigma_s": ref.sigma_s}
+    for name, array in arrays.items():  # a reference with NaN statistics would score every model NaN
+        require_finite(array, f"{path}: not written, its {name}", "the extractor's weights or the images gave "
+                                                                 "non-finite features")
     if ref.images is not None:
         arrays = {"arr_0": ref.images, **arrays}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -201,6 +243,7 @@ def fid_ref(src: str | Path, out: str | Path, cfg, resolved_config: str) -> FidR
 
     meta = {"format": "d2c-fid-reference", "version": FORMAT_VERSION, "extractor": extractor.describe(),
             "source": {**images.describe(), "content_sha256": images.content_sha256()},
+            "inputs": {"images": {"path": str(images.path.resolve()), "sha256": images.content_sha256()}},
             "num_images": ref.num_images, "num_kept": len(ref.kept), "kept_seed": cfg.seed,
             "settings": to_dict(cfg), "versions": versions()}
     write_reference_npz(out, ref, meta)

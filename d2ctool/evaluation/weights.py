@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from d2ctool.checks import count_non_finite
 from d2ctool.errors import UserError
 from d2ctool.evaluation.network import InceptionV3TF
 from d2ctool.io import atomic_path, sha256_file
@@ -195,6 +196,9 @@ def _our_names(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
             raise _BadFile(f"not the 2015-12-05 Inception layout: {len(keys)} {problem}, e.g. {', '.join(keys[:3])}")
     if ("output.weight" in state) != ("output.bias" in state):
         raise _BadFile("has only one of output.weight and output.bias")
+    non_finite = [k for k, v in state.items() if count_non_finite(v)]
+    if non_finite:
+        raise _BadFile(f"{len(non_finite)} tensor(s) hold NaN or infinite values, e.g. {', '.join(non_finite[:3])}")
     return {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
 
 

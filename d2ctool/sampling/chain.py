@@ -30,6 +30,7 @@ from d2ctool.discrete.config import preset as stage1_preset
 from d2ctool.discrete.generate import generate
 from d2ctool.discrete.load import data_config, family, load_stage1
 from d2ctool.errors import UserError
+from d2ctool.identity import shard_input
 from d2ctool.sampling.config import MODES, SampleConfig
 from d2ctool.tokenizers.config import TokenizersConfig
 from d2ctool.tokenizers.kl import posterior_latents
@@ -74,6 +75,10 @@ def _is_our_run(path: str) -> bool:
     return load_file(run_checkpoint(path)).get("format") == CHECKPOINT_FORMAT
 
 
+def _source(record: dict) -> str | None:
+    return record.get("checkpoint") if isinstance(record, dict) else None
+
+
 def _side(record: dict) -> str:
     return f"{record.get('name')} ({record.get('checkpoint')}, sha256 {str(record.get('sha256'))[:12]})"
 
@@ -96,7 +101,7 @@ def stage2_latent_norm(stage2: LoadedWeights, kl, kl_info: LoadedWeights, vq_inf
             raise UserError(f"stage 2 ({stage2.checkpoint}) was trained on the {what} of the {kind} tokenizer "
                             f"{_side(data[kind])}, but tokenizers.{kind} is {_side(info.record())}: give the "
                             "tokenizer it was trained with")
-    return LatentNorm.from_record(data["latent_norm"])
+    return LatentNorm.from_record(data.get("latent_norm"), f"{stage2.checkpoint}: trained_on.latent_norm")
 
 
 def _check_stage1_fits_vq(stage1, path: str, vq, vq_path: str | None, grid: int | None) -> None:
@@ -113,6 +118,8 @@ def _check_stage1_fits_vq(stage1, path: str, vq, vq_path: str | None, grid: int 
 def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.device) -> Chain:
     """Load what the mode needs and check that the pieces fit together, before any sampling."""
     mode, needs = cfg.mode, MODES[cfg.mode]
+    if needs.stage1:
+        cfg.stage1.resolved()  # the stage-1 settings can be honoured: checked before any model is loaded
     vq = kl = gpt = mar = vq_info = kl_info = norm = None
     loaded = {}
     if needs.uses_vq:
@@ -168,7 +175,7 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
         data = _require(cfg.oracle_data, "sample.oracle_data (encoded shards of real images)", mode)
         oracle, real_latents = _real_images(data, cfg.num_images, vq_info if vq is not None else kl_info)
     if oracle is not None:
-        loaded["real_images"] = {"data": str(cfg.oracle_data), "count": len(oracle[1])}
+        loaded["real_images"] = {**shard_input(cfg.oracle_data), "data": str(cfg.oracle_data), "count": len(oracle[1])}
     if gpt is not None or mar is not None:
         num_classes = gpt.cfg.num_classes if gpt is not None else mar.cfg.num_classes
     else:  # reconstructions: the classes of the real images
@@ -221,6 +228,10 @@ def _first_images(manifest: EncodedManifest, count: int, with_means: bool, what:
 def make_labels(cfg: SampleConfig, num_classes: int, chain: Chain | None = None) -> np.ndarray:
     """Class-balanced labels (image i gets class i mod C), an explicit class list cycled, or the oracle's."""
     if chain is not None and chain.oracle is not None:
+        if cfg.classes:  # the real images bring their own labels: a class list cannot be honoured
+            raise UserError(f"sample.classes is set, but mode {cfg.mode} takes its labels from the real images in "
+                            "sample.oracle_data; unset sample.classes (or use mode two-stage, discrete-only or "
+                            "continuous-only to choose classes)")
         return chain.oracle[1].numpy()
     if cfg.classes:
         bad = [c for c in cfg.classes if not 0 <= c < num_classes]
@@ -276,7 +287,8 @@ def generate_batch(chain: Chain, labels: np.ndarray, start: int, timings: dict) 
         else:
             g = int(round(codes.shape[1] ** 0.5))
             images = chain.vq.decode_codes(codes.view(-1, g, g))
-        pixels = to_uint8(images.float())
+        pixels = to_uint8(images.float(), f"sample: the images {start}..{start + len(labels) - 1} (mode {cfg.mode}, "
+                                          f"from {', '.join(_source(v) for v in chain.loaded.values() if _source(v))})")
         t3 = time.perf_counter()
     for key, seconds in (("stage1", t1 - t0), ("stage2", t2 - t1), ("decode", t3 - t2)):
         timings[key] = timings.get(key, 0.0) + seconds

@@ -26,6 +26,7 @@ from d2ctool.progress import Progress, info
 from d2ctool.runstate import OutputFolder
 from d2ctool.sampling.chain import build_chain, generate_batch, make_labels
 from d2ctool.sampling.config import SampleConfig
+from d2ctool.stopping import StopSignals
 from d2ctool.tokenizers.config import TokenizersConfig
 from d2ctool.visual import save_grid
 
@@ -89,7 +90,14 @@ def write_grid(out: Path, labels: np.ndarray, cfg: SampleConfig) -> None:
     save_grid(out / "grid.png", np.concatenate(rows), cfg.grid_per_class, names)
 
 
-def sample(cfg: SampleConfig, tokenizers: TokenizersConfig, out: str | Path, resolved_config: str) -> SampleResult:
+def chain_inputs(chain) -> dict:
+    """The content identity of everything the chain read: models, tokenizers and real images' shards."""
+    return {name: {"path": record.get("checkpoint") or record.get("path"), "sha256": record["sha256"]}
+            for name, record in chain.loaded.items() if "sha256" in record}
+
+
+def sample(cfg: SampleConfig, tokenizers: TokenizersConfig, out: str | Path, resolved_config: str,
+           force_restart: bool = False) -> SampleResult:
     out = Path(out)
     rank, world, device = distributed.init(cfg.device)
     chain = build_chain(cfg, tokenizers, device)
@@ -97,9 +105,9 @@ def sample(cfg: SampleConfig, tokenizers: TokenizersConfig, out: str | Path, res
     settings = to_dict(cfg)
     for irrelevant in ("device", "grid_classes", "grid_per_class"):
         settings.pop(irrelevant)
-    plan = {"sample": settings, "models": {k: v.get("sha256", v.get("checkpoint")) for k, v in chain.loaded.items()},
+    plan = {"sample": settings, "inputs": chain_inputs(chain),
             "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest()}
-    folder = OutputFolder(out, "sample", plan)
+    folder = OutputFolder(out, "sample", plan, force_restart)
     complete = folder.check()
     distributed.barrier()
     if complete:
@@ -116,8 +124,11 @@ def sample(cfg: SampleConfig, tokenizers: TokenizersConfig, out: str | Path, res
     timings: dict = {}
     total = sum(min(cfg.batch_size, len(labels) - starts[k]) for k in mine)
     begin = time.perf_counter()
-    with Progress(total, "sample", unit="img", enabled=None if rank == 0 else False) as bar:
-        for k in mine:
+    with StopSignals() as stop, Progress(total, "sample", unit="img", enabled=None if rank == 0 else False) as bar:
+        for done, k in enumerate(mine):
+            if stop.requested():  # at a batch boundary: every finished batch is kept
+                raise stop.stop(f"sample kept {done} finished batch(es) of this run in {out} ({len(mine) - done} "
+                                "left on this rank); run the same command again to resume")
             start = starts[k]
             batch_labels = labels[start:start + cfg.batch_size]
             pixels = generate_batch(chain, batch_labels, start, timings)

@@ -31,10 +31,13 @@ from d2ctool.data.members import SampleCheck
 from d2ctool.data.encoded import FORMAT
 from d2ctool.data.shards import iter_tar, load_manifest, npy_bytes, read_npy, read_shard, write_tar
 from d2ctool.data.transforms import adm_center_crop
+from d2ctool.checks import require_finite
 from d2ctool.errors import UserError
+from d2ctool.identity import file_input, shard_input
 from d2ctool.io import atomic_path, sha256_file
 from d2ctool.progress import Progress, info
 from d2ctool.runstate import OutputFolder
+from d2ctool.stopping import StopSignals
 from d2ctool.tokenizers.config import EncodeConfig, TokenizersConfig
 from d2ctool.tokenizers.kl import posterior_latents
 from d2ctool.tokenizers.latent_norm import LatentNorm, channel_stats, load_stats, save_stats
@@ -129,7 +132,7 @@ def _load_crop(data: bytes, resolution: int, where: str) -> np.ndarray:
 
 
 def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cfg: EncodeConfig,
-           resolved_config: str) -> EncodeResult:
+           resolved_config: str, force_restart: bool = False) -> EncodeResult:
     shards, out = Path(shards), Path(out)
     source = load_manifest(shards)
     check = SampleCheck(source, shards)
@@ -148,10 +151,12 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
     settings = to_dict(cfg)
     for irrelevant in ("batch_size", "loader_threads", "device"):  # do not change what is written
         settings.pop(irrelevant)
-    plan = {"source": {"path": str(shards.resolve()), "manifest_sha256": sha256_file(shards / "manifest.json")},
-            "tokenizers": {"vq": vq_info.sha256, "kl": kl_info.sha256}, "encode": settings,
-            "latent_norm": norm.record() if norm else "computed"}
-    folder = OutputFolder(out, "encode", plan)
+    inputs = {"shards": shard_input(shards), "vq": {"path": vq_info.checkpoint, "sha256": vq_info.sha256},
+              "kl": {"path": kl_info.checkpoint, "sha256": kl_info.sha256}}
+    if cfg.latent_stats:
+        inputs["latent_stats"] = file_input(cfg.latent_stats)
+    plan = {"inputs": inputs, "encode": settings, "latent_norm": norm.record() if norm else "computed"}
+    folder = OutputFolder(out, "encode", plan, force_restart)
     rank, world, device = distributed.init(cfg.device)
     complete = folder.check()
     distributed.barrier()  # every rank has looked before rank 0 writes anything
@@ -172,9 +177,12 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
     total = sum(source["shards"][i]["samples"] for i in mine)
     if world > 1:
         info(f"encode: rank {rank} of {world} encodes {len(mine)} shard(s)")
-    with Progress(total, "encode", unit="img", enabled=None if rank == 0 else False) as bar, \
+    with StopSignals() as stop, Progress(total, "encode", unit="img", enabled=None if rank == 0 else False) as bar, \
             ThreadPoolExecutor(cfg.loader_threads) as pool:
-        for index in mine:
+        for finished, index in enumerate(mine):
+            if stop.requested():  # at a shard boundary: every finished shard is kept
+                raise stop.stop(f"encode kept {finished} finished shard(s) of this run in {out} "
+                                f"({len(mine) - finished} left on this rank); run the same command again to resume")
             entry = source["shards"][index]
             samples = read_shard(shards, entry, source)  # size, sha256 and count verified on this first read
             for key, members in samples:
@@ -184,8 +192,15 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
             written = []
             for start in range(0, len(samples), cfg.batch_size):
                 codes, moments = encode_images(vq, kl, np.stack(images[start:start + cfg.batch_size]), device, autocast)
-                for (key, members), c, m in zip(samples[start:start + cfg.batch_size], codes.numpy(), moments.numpy()):
-                    written.append((key, {"codes.npy": npy_bytes(c.astype(code_type)), "moments.npy": npy_bytes(m.astype(moment_type)),
+                with np.errstate(over="ignore"):  # float16 overflows to inf above 65504: checked just below
+                    moments = moments.numpy().astype(moment_type)
+                moments = require_finite(
+                    moments, f"encode: the KL moments of {shards / entry['file']} "
+                    f"(images {start}..{start + len(codes) - 1}, as {moment_type.name})",
+                    f"the KL tokenizer {kl_info.checkpoint} gives non-finite latents"
+                    + (" or values float16 cannot hold: set encode.moments_dtype=float32" if moment_type.itemsize < 4 else ""))
+                for (key, members), c, m in zip(samples[start:start + cfg.batch_size], codes.numpy(), moments):
+                    written.append((key, {"codes.npy": npy_bytes(c.astype(code_type)), "moments.npy": npy_bytes(m),
                                           "cls": members["cls"], "json": members.get("json", b"{}")}))
                 bar.advance(len(codes))
             with atomic_path(out / entry["file"]) as tmp:
@@ -204,7 +219,7 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
             "format": FORMAT,
             "version": 1,
             "created_by": f"d2ctool {__version__}",
-            "source": plan["source"],
+            "source": {"path": inputs["shards"]["path"], "manifest_sha256": inputs["shards"]["sha256"]},
             "classes": source["classes"],
             "class_counts": source["class_counts"],
             "num_samples": sum(r["samples"] for r in records),

@@ -12,6 +12,7 @@ of up to 10,000 randomly chosen images (the originals, not the flips).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
@@ -19,6 +20,7 @@ from typing import Iterable, Literal
 import torch
 
 from d2ctool.checkpoints import load_file
+from d2ctool.checks import require_finite
 from d2ctool.errors import UserError
 from d2ctool.io import atomic_path, sha256_file
 
@@ -35,13 +37,21 @@ class LatentNorm:
 
     @classmethod
     def scalar(cls, scale: float, source: str = "") -> LatentNorm:
+        if not math.isfinite(float(scale)) or float(scale) == 0:
+            raise UserError(f"latent scale factor ({source}): must be a finite non-zero number, got {scale}")
         return cls("scale", scale=float(scale), source=source)
 
     @classmethod
     def per_channel(cls, mean, std, source: str = "") -> LatentNorm:
-        mean, std = (tuple(float(v) for v in torch.as_tensor(t).reshape(-1).tolist()) for t in (mean, std))
+        try:
+            mean, std = (tuple(float(v) for v in torch.as_tensor(t, dtype=torch.float64).reshape(-1).tolist())
+                         for t in (mean, std))
+        except (TypeError, ValueError, RuntimeError):
+            raise UserError(f"latent statistics ({source}): mean and std must be lists of numbers") from None
         if len(mean) != len(std) or not mean:
             raise UserError(f"latent statistics ({source}): mean has {len(mean)} values, std {len(std)}")
+        require_finite(torch.tensor(mean + std, dtype=torch.float64), f"latent statistics ({source}): mean and std",
+                       "recompute them from latents of a tokenizer with finite weights")
         if min(std) <= 0:
             raise UserError(f"latent statistics ({source}): std must be positive, got min {min(std)}")
         return cls("channel", mean=mean, std=std, source=source)
@@ -81,10 +91,22 @@ class LatentNorm:
         return out
 
     @classmethod
-    def from_record(cls, record: dict) -> LatentNorm:
-        if record["kind"] == "scale":
-            return cls.scalar(record["scale"], record.get("source", ""))
-        return cls.per_channel(record["mean"], record["std"], record.get("source", ""))
+    def from_record(cls, record: dict, where: str = "latent_norm") -> LatentNorm:
+        """The rule a manifest or checkpoint recorded (`record()`), every field checked; `where` names the file."""
+        kind = record.get("kind") if isinstance(record, dict) else None
+        needs = {"scale": ("scale",), "channel": ("mean", "std")}.get(kind)
+        if needs is None or any(k not in record for k in needs):
+            raise UserError(f"{where}: not a latent normalisation record (expected kind 'scale' with scale, or "
+                            f"'channel' with mean and std; got {str(record)[:80]}); re-run `d2c encode` to rewrite it")
+        source = str(record.get("source", ""))
+        if kind == "scale" and (isinstance(record["scale"], bool) or not isinstance(record["scale"], (int, float))):
+            raise UserError(f"{where}: the latent scale must be a number, got {record['scale']!r}")
+        try:
+            if kind == "scale":
+                return cls.scalar(record["scale"], source)
+            return cls.per_channel(record["mean"], record["std"], source)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
 
     def describe(self) -> str:
         if self.kind == "scale":
@@ -92,11 +114,12 @@ class LatentNorm:
         return f"per-channel mean/std of {len(self.mean)} channels ({self.source})"
 
 
-def from_manifest(manifest: dict) -> LatentNorm:
+def from_manifest(manifest: dict, where: str = "the encoded shards' manifest") -> LatentNorm:
     """The normalisation an encoded-shard folder was written for (older folders: a scale factor only)."""
     if "latent_norm" in manifest:
-        return LatentNorm.from_record(manifest["latent_norm"])
-    return LatentNorm.scalar(manifest["scale_factor"], "encode manifest scale_factor")
+        return LatentNorm.from_record(manifest["latent_norm"], f"{where}: latent_norm")
+    return LatentNorm.from_record({"kind": "scale", "scale": manifest.get("scale_factor"),
+                                   "source": "encode manifest scale_factor"}, f"{where}: scale_factor")
 
 
 def load_stats(path: str | Path, channels: int) -> LatentNorm:

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
-from d2ctool.checkpoints import LoadedWeights, load_file, load_strict, unwrap
+from d2ctool.checkpoints import (LoadedWeights, load_file, load_strict, mapping_entry, refuse_other_format,
+                                  state_dict_entry, unwrap, weights_entry)
 from d2ctool.config import ConfigError, build
 from d2ctool.errors import UserError
-from d2ctool.io import atomic_path, sha256_file
+from d2ctool.identity import file_sha256
+from d2ctool.io import atomic_path
 from d2ctool.progress import info as log
 from d2ctool.tokenizers import kl, maskgit, vq
 from d2ctool.tokenizers.kl import AutoencoderKL, KLConfig
@@ -87,18 +89,20 @@ def load_tokenizer(kind: str, preset: str, checkpoint: str | None) -> tuple[torc
         raise UserError(f"tokenizers.{kind}.checkpoint is not set: give {OFFICIAL_HINT[kind]} (preset given: "
                         f"{preset}) or a tokenizer trained with `d2c train-tokenizer {kind}`")
     obj = load_file(checkpoint)
+    refuse_other_format(obj, (OWN_FORMAT,), checkpoint, f"a {kind} tokenizer")
     if obj.get("format") == OWN_FORMAT:
         if obj.get("kind") != kind:
             raise UserError(f"{checkpoint} is a {obj.get('kind')} tokenizer, but tokenizers.{kind} needs a {kind} one")
         architecture = obj.get("architecture", DEFAULT_ARCHITECTURE[kind])
-        if architecture not in ARCHITECTURES:
+        if not isinstance(architecture, str) or architecture not in ARCHITECTURES or ARCHITECTURES[architecture][0] != kind:
             raise UserError(f"{checkpoint}: unknown tokenizer architecture '{architecture}' (this d2ctool knows "
                             f"{', '.join(ARCHITECTURES)})")
         try:
-            cfg = build(ARCHITECTURES[architecture][1], obj["config"])
+            cfg = build(ARCHITECTURES[architecture][1], mapping_entry(obj, "config", checkpoint))
         except ConfigError as e:
             raise UserError(f"{checkpoint}: its tokenizer config is invalid ({e})") from None
-        name, state_dict, weights = obj.get("name", "custom"), obj.get("ema") or obj["model"], "ema" if obj.get("ema") else "model"
+        weights = weights_entry(obj, use_ema=True)
+        name, state_dict = str(obj.get("name", "custom")), state_dict_entry(obj, weights, checkpoint)
     else:
         cfg = preset_config(kind, preset)
         name = preset
@@ -110,6 +114,6 @@ def load_tokenizer(kind: str, preset: str, checkpoint: str | None) -> tuple[torc
         weights += f" (dropped training-only keys: {listed})"
         log(f"{checkpoint}: dropped {sum(dropped.values())} training-only key(s) of {name}: {listed}")
     load_strict(model, state_dict, str(checkpoint), f"the {kind} tokenizer '{name}'")
-    info = LoadedWeights(name, str(Path(checkpoint).resolve()), sha256_file(checkpoint), dataclasses.asdict(cfg),
+    info = LoadedWeights(name, str(Path(checkpoint).resolve()), file_sha256(checkpoint), dataclasses.asdict(cfg),
                          weights, kind)
     return model.eval(), info

@@ -19,6 +19,7 @@ from d2ctool.data.reader import ShardReader, decode_image, image_member
 from d2ctool.data.shards import load_manifest
 from d2ctool.data.transforms import adm_center_crop, to_minus_one_one
 from d2ctool.errors import UserError
+from d2ctool.identity import shard_input
 from d2ctool.io import write_json
 from d2ctool.tokenizers.config import TokenizerTrainingConfig
 from d2ctool.tokenizers.kl import posterior_kl
@@ -203,7 +204,7 @@ class TokenizerTask:
 
 
 def train_tokenizer(kind: str, data: str | Path, out: str | Path, cfg: TokenizerTrainingConfig,
-                    resolved_config: dict, resolved_yaml: str) -> TrainResult:
+                    resolved_config: dict, resolved_yaml: str, steps_given: bool = True) -> TrainResult:
     if kind not in ("vq", "kl"):
         raise UserError(f"train-tokenizer: KIND must be vq or kl, got {kind!r}")
     for what, folder in (("SHARDS", data), ("tokenizer_training.val", cfg.val)):
@@ -214,4 +215,6 @@ def train_tokenizer(kind: str, data: str | Path, out: str | Path, cfg: Tokenizer
                 raise UserError(f"{what}: {e}") from None
     task = TokenizerTask(kind, data, cfg)
     task.name = f"train-tokenizer-{kind}"
-    return Trainer(task, cfg.train, out, {"kind": kind, "data": str(data), **resolved_config}, resolved_yaml).run()
+    inputs = {"data": shard_input(data), **({"val": shard_input(cfg.val)} if cfg.val is not None else {})}
+    return Trainer(task, cfg.train, out, {"kind": kind, "data": str(data), **resolved_config}, resolved_yaml,
+                   inputs, steps_given).run()

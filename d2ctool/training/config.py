@@ -29,10 +29,13 @@ class TrainConfig:
     seed: int = 0
     log_every: int = bounded(50, min=1)
     ckpt_every: int = bounded(5000, min=1)  # also writes checkpoints/last.pt; the final step is always saved
+    keep_last: int = bounded(0, min=0)  # keep the K newest step_N.pt (0 = keep every one) ...
+    keep_every: int = bounded(0, min=0)  # ... and every step_N.pt whose N divides by this (0 = none)
     sample_every: int = bounded(5000, min=0)  # sample grid PNG; 0 = only at the end
     num_workers: int = bounded(4, min=0)  # DataLoader worker processes per rank
     shuffle_buffer: int = bounded(1000, min=0)
     device: str | None = None  # default: the local GPU under torchrun, else cuda if present, else cpu
+    wandb: str | None = None  # a Weights & Biases project to log to as well (pip install "d2ctool[wandb]")
 
 
 def micro_batch(train: TrainConfig, ranks: int, samples_per_rank: int | None = None, *, section: str = "",

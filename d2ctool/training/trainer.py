@@ -37,14 +37,18 @@ from d2ctool.checkpoints import CHECKPOINT_FORMAT, load_file
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.torch_dataset import ShardDataset
 from d2ctool.errors import UserError
-from d2ctool.io import atomic_path, write_event, write_json, write_text
+from d2ctool.identity import check_same_inputs
+from d2ctool.io import atomic_path, json_text, read_json_object, write_event, write_json, write_text
 from d2ctool.progress import Progress, info
 from d2ctool.runstate import clean_temporaries, lock_output
+from d2ctool.stopping import Stopped, StopSignals
 from d2ctool.training.config import TrainConfig, micro_batch
+from d2ctool.training.tracking import Trackers, end_session, run_summary, start_session, write_loss_curve
 
 SUMMARY = "summary.json"  # written after the final export: its presence means the run is complete
 # train.* fields that may differ when a run is resumed (they do not change what is learned)
-RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "num_workers", "device"}
+RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "num_workers", "device", "compile",
+                     "grad_checkpointing", "keep_last", "keep_every", "wandb"}
 # sections of a stage's config that may differ too: the periodic grids' sampling settings
 RESUMABLE_SECTIONS = {"sampling"}
 
@@ -138,16 +142,30 @@ def _gather(obj, world: int) -> list:
 
 
 def load_checkpoint(path: Path) -> dict:
+    from d2ctool.checkpoints import mapping_entry, state_dict_entry
+
     ckpt = load_file(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a d2c training checkpoint")
+    state_dict_entry(ckpt, "model", path, finite=True)
+    if ckpt.get("ema") is not None:
+        state_dict_entry(ckpt, "ema", path, finite=True)
+    mapping_entry(ckpt, "optimizer", path)
+    bad = [k for k in ("step", "epoch", "batch_in_epoch") if isinstance(ckpt.get(k), bool) or not isinstance(ckpt.get(k), int)]
+    if bad or not isinstance(ckpt.get("rng"), list):
+        raise UserError(f"{path}: a damaged training checkpoint ({', '.join(bad) or 'rng'} missing or of the wrong "
+                        "type); remove it to resume from the one before, or start a new run folder")
     return ckpt
 
 
 class Trainer:
     def __init__(self, task: TrainingTask, cfg: TrainConfig, run_dir: str | Path, resolved_config: dict,
-                 resolved_yaml: str):
+                 resolved_yaml: str, inputs: dict | None = None, steps_given: bool = True):
+        """`inputs`: the content identity of the training data ({name: {"path", "sha256"}}, see d2ctool.identity),
+        saved in every checkpoint; a resume on data whose digest changed is refused. `steps_given`: train.steps
+        was given explicitly (a `--set`), which alone may move a run's target steps."""
         self.task, self.cfg, self.run_dir = task, cfg, Path(run_dir)
+        self.inputs, self.steps_given = inputs or {}, steps_given
         self.resolved_config, self.resolved_yaml = resolved_config, resolved_yaml
         self.ckpt_dir = self.run_dir / "checkpoints"
 
@@ -159,6 +177,18 @@ class Trainer:
         with atomic_path(step_file) as tmp:
             torch.save(state, tmp)
         self._point_last_at(step_file)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Delete step checkpoints beyond train.keep_last newest, sparing train.keep_every multiples."""
+        keep_last, keep_every = self.cfg.keep_last, self.cfg.keep_every
+        if not keep_last:
+            return
+        steps = sorted((int(m.group(1)), p) for p in self.ckpt_dir.glob("step_*.pt")
+                       if (m := re.fullmatch(r"step_(\d+)\.pt", p.name)))
+        for number, path in steps[:-keep_last]:
+            if not (keep_every and number % keep_every == 0):
+                path.unlink(missing_ok=True)
 
     def _point_last_at(self, step_file: Path) -> None:
         with atomic_path(self.ckpt_dir / "last.pt") as tmp:
@@ -184,12 +214,16 @@ class Trainer:
         return {"format": CHECKPOINT_FORMAT, "task": self.task.name, "model": model.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
                 "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng_states,
-                "config": self.resolved_config, "model_config": getattr(self.task, "model_config", None)}
+                "config": self.resolved_config, "model_config": getattr(self.task, "model_config", None),
+                "inputs": self.inputs, "target_steps": self.cfg.steps}
 
     def _check_resume(self, ckpt: dict) -> None:
         if ckpt.get("task") != self.task.name:
             raise UserError(f"{self.ckpt_dir} holds a checkpoint of `d2c {ckpt.get('task')}`, not `d2c {self.task.name}`; "
                             "use another run folder")
+        if "inputs" in ckpt:  # before the settings and weights: changed data is named as such
+            check_same_inputs(ckpt["inputs"], self.inputs, self.run_dir, f"d2c {self.task.name}",
+                              restart="delete its checkpoints/ folder")
         old, new = copy.deepcopy(ckpt.get("config") or {}), copy.deepcopy(self.resolved_config)
         for settings in (old, new):  # steps may grow, logistics and grid sampling may change; nothing else may
             settings["train"] = {k: v for k, v in settings.get("train", {}).items() if k not in RESUMABLE_CHANGES}
@@ -201,6 +235,22 @@ class Trainer:
             diff = "; ".join(differences(old, new)[:5])
             raise UserError(f"{self.run_dir} was started with different settings ({diff}); resume with the same "
                             "recipe (only train.steps may change) or use a new run folder")
+
+    def _check_target(self, ckpt: dict, rank: int) -> None:
+        """A run trains to the steps it was started with; only an explicit train.steps moves the target."""
+        target, step, wanted = ckpt.get("target_steps"), ckpt["step"], self.cfg.steps
+        if target is None or target == wanted:
+            return
+        if not self.steps_given:
+            raise UserError(f"{self.run_dir} was started for {target} steps and is at step {step}, but the recipe "
+                            f"says {wanted}: give --set train.steps={wanted} to train it to {wanted} steps, or "
+                            f"--set train.steps={target} to finish it as started")
+        if wanted < step:
+            raise UserError(f"{self.run_dir} is already at step {step}, past train.steps={wanted}; use a new run "
+                            "folder for a shorter run")
+        if rank == 0:
+            info(f"{self.task.name}: {self.run_dir} was started for {target} steps; now training it to {wanted} "
+                 f"(from step {step})")
 
     def _trim_metrics(self, step: int) -> None:
         """Drop metric lines past the checkpoint we resume from (they will be logged again)."""
@@ -218,7 +268,13 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, task = self.cfg, self.task
-        lock_output(self.run_dir)  # one writer per run folder; also proves it is writable before any work
+        try:
+            lock_output(self.run_dir)  # one writer per run folder; also proves it is writable before any work
+            unwritable = None
+        except UserError as e:
+            if not (self.run_dir / SUMMARY).is_file():
+                raise
+            unwritable = e  # a finished run on a read-only mount is still "nothing to do"; anything else fails
         rank, world, device = distributed.init(cfg.device)
         local_batch = micro_batch(cfg, world)
         autocast = device.type == "cuda" and cfg.precision == "bf16"
@@ -234,7 +290,7 @@ class Trainer:
         step = epoch = batch_in_epoch = resumed_from = 0
         torch.manual_seed(cfg.seed * 1000 + rank + 1)  # dropout etc. differ per rank
 
-        if rank == 0:
+        if rank == 0 and unwritable is None:
             clean_temporaries(self.run_dir)
             clean_temporaries(self.ckpt_dir)
         distributed.barrier()
@@ -242,6 +298,7 @@ class Trainer:
         if last is not None:
             ckpt = load_checkpoint(last)
             self._check_resume(ckpt)
+            self._check_target(ckpt, rank)
             model.load_state_dict(ckpt["model"])
             if ema is not None:
                 ema.load_state_dict(ckpt["ema"])
@@ -252,16 +309,22 @@ class Trainer:
             else:
                 _set_rng_state(ckpt["rng"][rank], device)
             resumed_from = step
+            finished = self.run_dir / SUMMARY
+            if step >= cfg.steps and finished.is_file():
+                record = read_json_object(finished, f"remove it to redo the run's final export")
+                if record.get("step") == step and isinstance(record.get("summary"), dict):
+                    if rank == 0:
+                        info(f"{task.name}: {self.run_dir} already finished at step {step}; nothing to do")
+                    return TrainResult(self.run_dir, step, step, record["summary"])
+            if unwritable is not None:
+                raise unwritable
             if rank == 0 and last.name != "last.pt":  # killed between the step file and last.pt: finish that write
                 self._point_last_at(last)
-            finished = self.run_dir / SUMMARY
-            if step >= cfg.steps and finished.is_file() and json.loads(finished.read_text())["step"] == step:
-                if rank == 0:
-                    info(f"{task.name}: {self.run_dir} already finished at step {step}; nothing to do")
-                return TrainResult(self.run_dir, step, step, json.loads(finished.read_text())["summary"])
             if rank == 0:
                 info(f"{task.name}: resuming from step {step} ({last})")
                 self._trim_metrics(step)
+        elif unwritable is not None:
+            raise unwritable
         elif rank == 0:
             self._trim_metrics(0)  # lines of a run killed before its first checkpoint: logged again
         if rank == 0:
@@ -288,73 +351,101 @@ class Trainer:
                     yield batch
                 epoch, batch_in_epoch = epoch + 1, 0
 
-        stream = batches()
-        metrics_path = self.run_dir / "metrics.jsonl"
-        last_good = resumed_from
-        window_start, window_samples = time.perf_counter(), 0
-        with Progress(cfg.steps, task.name, unit="step", start=step, enabled=None if rank == 0 else False) as bar:
-            while step < cfg.steps:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, cfg)
-                if hasattr(task, "before_step"):  # optional: per-step schedules on the model (RAR's permutation)
-                    task.before_step(model, step)
-                totals: dict[str, float] = {}
-                for micro in range(cfg.grad_accum):
-                    batch = next(stream)
-                    sync = micro == cfg.grad_accum - 1 or world == 1
-                    context = train_model.no_sync() if not sync else nullcontext()
-                    with context, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        loss, parts = task.loss(train_model, batch, device)
-                    (loss / cfg.grad_accum).backward()
-                    for key, value in {"loss": loss.item(), **parts}.items():
-                        totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
-                losses = torch.tensor([totals["loss"]], device=device)
-                if world > 1:
-                    torch.distributed.all_reduce(losses)
-                    losses /= world
-                if not torch.isfinite(losses).all():
-                    raise TrainingDiverged(
-                        f"{task.name}: the loss became {losses.item()} at step {step + 1}; stopped. The last good "
-                        f"checkpoint (step {last_good}) is kept in {self.ckpt_dir}; lower train.base_lr or check "
-                        "the data, then re-run to resume from it" if last_good else
-                        f"{task.name}: the loss became {losses.item()} at step {step + 1} before any checkpoint; "
-                        "lower train.base_lr or check the data")
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    update_ema(ema, model, cfg.ema_decay)
-                task.after_step(model, step)
-                step += 1
-                window_samples += cfg.global_batch_size
-                totals["loss"] = losses.item()
-                bar.advance(1, note=f"loss {totals['loss']:.4f}")
-
-                if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-                    elapsed = time.perf_counter() - window_start
-                    record = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in totals.items()},
-                              "lr": lr_at(step - 1, cfg), "grad_norm": round(float(grad_norm), 6),
-                              "samples_per_s": round(window_samples / elapsed, 2), "seconds": round(elapsed, 3)}
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    write_event(metrics_path, "appended")
-                    window_start, window_samples = time.perf_counter(), 0
-                if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                    rngs = _gather(_rng_state(device), world)
-                    if rank == 0:
-                        state = self._checkpoint_state(model, ema, optimizer, step, epoch, batch_in_epoch, rngs)
-                        self._save(step, state)
-                    last_good = step
-                    distributed.barrier()
-                if rank == 0 and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps):
-                    sampler = ema if (ema is not None and cfg.sample_with_ema) else model
-                    task.write_grid(sampler.eval(), self.run_dir / "grids" / f"step_{step:07d}.png", device)
-                    model.train()
-        distributed.barrier()
-        summary = {}
+        tokens_per_sample = getattr(task, "tokens_per_sample", None)
+        session = trackers = None
         if rank == 0:
-            final = ema if (ema is not None and cfg.sample_with_ema) else model
-            summary = task.finish(final.eval(), self.run_dir, device)
-            write_json(self.run_dir / SUMMARY, {"step": step, "summary": summary})  # written last: the run is done
-        distributed.barrier()
+            session = start_session(self.run_dir, device, world, resumed_from)
+            trackers = Trackers(self.run_dir, cfg.wandb, self.resolved_config, resumed_from)
+        ended = "error"
+        try:
+            stream = batches()
+            metrics_path = self.run_dir / "metrics.jsonl"
+            last_good = resumed_from
+            window_start, window_samples = time.perf_counter(), 0
+            with StopSignals() as stop, \
+                    Progress(cfg.steps, task.name, unit="step", start=step, enabled=None if rank == 0 else False) as bar:
+                while step < cfg.steps:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_at(step, cfg)
+                    if hasattr(task, "before_step"):  # optional: per-step schedules on the model (RAR's permutation)
+                        task.before_step(model, step)
+                    totals: dict[str, float] = {}
+                    for micro in range(cfg.grad_accum):
+                        batch = next(stream)
+                        sync = micro == cfg.grad_accum - 1 or world == 1
+                        context = train_model.no_sync() if not sync else nullcontext()
+                        with context, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                            loss, parts = task.loss(train_model, batch, device)
+                        (loss / cfg.grad_accum).backward()
+                        for key, value in {"loss": loss.item(), **parts}.items():
+                            totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
+                    losses = torch.tensor([totals["loss"]], device=device)
+                    if world > 1:
+                        torch.distributed.all_reduce(losses)
+                        losses /= world
+                    if not torch.isfinite(losses).all():
+                        raise TrainingDiverged(
+                            f"{task.name}: the loss became {losses.item()} at step {step + 1}; stopped. The last good "
+                            f"checkpoint (step {last_good}) is kept in {self.ckpt_dir}; lower train.base_lr or check "
+                            "the data, then re-run to resume from it" if last_good else
+                            f"{task.name}: the loss became {losses.item()} at step {step + 1} before any checkpoint; "
+                            "lower train.base_lr or check the data")
+                    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        update_ema(ema, model, cfg.ema_decay)
+                    task.after_step(model, step)
+                    step += 1
+                    window_samples += cfg.global_batch_size
+                    totals["loss"] = losses.item()
+                    bar.advance(1, note=f"loss {totals['loss']:.4f}")
+
+                    if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+                        elapsed = time.perf_counter() - window_start
+                        record = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in totals.items()},
+                                  "lr": lr_at(step - 1, cfg), "grad_norm": round(float(grad_norm), 6),
+                                  "samples_per_s": round(window_samples / elapsed, 2), "seconds": round(elapsed, 3),
+                                  "ema_decay": cfg.ema_decay}
+                        if tokens_per_sample:
+                            record["tokens_per_s"] = round(window_samples * tokens_per_sample / elapsed, 1)
+                        with open(metrics_path, "a") as f:
+                            f.write(json_text(record, metrics_path, indent=None) + "\n")
+                        write_event(metrics_path, "appended")
+                        trackers.log(step, record)
+                        window_start, window_samples = time.perf_counter(), 0
+                    stopping = stop.requested(world, device)  # every rank asks at the same step
+                    if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
+                        rngs = _gather(_rng_state(device), world)
+                        if rank == 0:
+                            state = self._checkpoint_state(model, ema, optimizer, step, epoch, batch_in_epoch, rngs)
+                            self._save(step, state)
+                        last_good = step
+                        distributed.barrier()
+                    if stopping:
+                        raise stop.stop(f"{task.name} saved step {step} of {cfg.steps} to "
+                                        f"{self.ckpt_dir / f'step_{step:07d}.pt'}; run the same command again to resume")
+                    if rank == 0 and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps):
+                        sampler = ema if (ema is not None and cfg.sample_with_ema) else model
+                        info(f"{task.name}: step {step}: writing the sample grid (grids/step_{step:07d}.png)")
+                        task.write_grid(sampler.eval(), self.run_dir / "grids" / f"step_{step:07d}.png", device)
+                        model.train()
+            distributed.barrier()
+            summary = {}
+            if rank == 0:
+                final = ema if (ema is not None and cfg.sample_with_ema) else model
+                info(f"{task.name}: finishing the run (exports, final grid, loss.png)")
+                summary = task.finish(final.eval(), self.run_dir, device)
+                write_loss_curve(self.run_dir, task.name)
+                write_json(self.run_dir / SUMMARY, {"step": step, "summary": summary,  # written last: the run is done
+                                                    **run_summary(self.run_dir, step, world, session)})
+            distributed.barrier()
+            ended = "finished"
+        except Stopped as e:
+            ended = str(e).split(":")[0]  # "stopped by SIGTERM"
+            raise
+        finally:
+            if rank == 0:
+                trackers.close()
+                end_session(self.run_dir, session, ended)
         return TrainResult(self.run_dir, step, resumed_from, summary)

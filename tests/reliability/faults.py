@@ -3,7 +3,10 @@ with monkeypatch), and copies of the session's tiny shard folders that a test ma
 
 from __future__ import annotations
 
+import builtins
+import errno
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -31,6 +34,26 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+def read_only(monkeypatch, folder, code=errno.EROFS):
+    """Writes (and folder creation) under `folder` fail with `code`: EROFS as on a read-only mount, EACCES as
+    without permission."""
+    real_open, real_mkdir = builtins.open, os.mkdir
+    folder = str(folder)
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if str(file).startswith(folder) and any(c in mode for c in "wax+"):
+            raise OSError(code, os.strerror(code), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded_mkdir(path, *args, **kwargs):
+        if str(path).startswith(folder):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(os, "mkdir", guarded_mkdir)
 
 
 def copy_folder(src: Path, dst: Path) -> Path:

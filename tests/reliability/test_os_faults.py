@@ -6,7 +6,6 @@ stop writes, and mounting a read-only or tiny tmpfs needs privileges CI may not 
 
 from __future__ import annotations
 
-import builtins
 import errno
 import json
 import os
@@ -17,7 +16,7 @@ import pytest
 import d2ctool.data.prepare as prepare_module
 from d2ctool.io import TMP_SUFFIX
 
-from faults import assert_one_line_error, run_cli
+from faults import assert_one_line_error, read_only, run_cli
 
 PREPARE = ["prepare", "synthetic", None, "--set", "synthetic.images_per_class=3", "--set", "synthetic.num_classes=2",
            "--set", "synthetic.resolution=16", "--set", "shard_size=2", "--workers", "1"]
@@ -74,26 +73,6 @@ def test_output_folder_deleted_mid_run(tmp_path, monkeypatch, capsys):
     fail_on_shard(monkeypatch, 1, lambda path: shutil.rmtree(out))
     code, err = run_cli(monkeypatch, capsys, *prepare_args(out))
     assert_one_line_error(code, err, str(out), "No such file or directory", "deleted or moved")
-
-
-def read_only(monkeypatch, folder, code=errno.EROFS):
-    """Writes (and folder creation) under `folder` fail with `code`: EROFS as on a read-only mount, EACCES as
-    without permission."""
-    real_open, real_mkdir = builtins.open, os.mkdir
-    folder = str(folder)
-
-    def guarded_open(file, mode="r", *args, **kwargs):
-        if str(file).startswith(folder) and any(c in mode for c in "wax+"):
-            raise OSError(code, os.strerror(code), str(file))
-        return real_open(file, mode, *args, **kwargs)
-
-    def guarded_mkdir(path, *args, **kwargs):
-        if str(path).startswith(folder):
-            raise OSError(code, os.strerror(code), str(path))
-        return real_mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", guarded_open)
-    monkeypatch.setattr(os, "mkdir", guarded_mkdir)
 
 
 @pytest.mark.slow

@@ -92,7 +92,7 @@ def test_fid_rejects_empty_images_and_wrong_dimension_statistics_before_extracti
     np.savez(tmp_path / "ref.npz", mu=np.zeros(64), sigma=np.eye(64))
     code, err = run_cli(monkeypatch, capsys, "fid", samples, "--ref", tmp_path / "ref.npz", "--features",
                         "inception-random")
-    assert_one_line_error(code, err, "ref.npz: mu/sigma have 64 dimensions", "2048")
+    assert_one_line_error(code, err, "ref.npz: mu: has shape [64], expected [2048]")
     (samples / "000003.png").write_bytes(b"")
     code, err = run_cli(monkeypatch, capsys, "fid", samples, "--ref", tmp_path / "ref.npz", "--features",
                         "inception-random")

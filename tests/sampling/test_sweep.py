@@ -140,8 +140,8 @@ def _epilog_examples(command: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_help_examples_run_literally(tiny_models, ref, tmp_path):
-    """The sweep and results examples, verbatim, in a folder laid out as `make reproduce` leaves runs/tiny
-    (the tiny models; the recipe copied with fewer images and the test-only Inception)."""
+    """The sweep examples, verbatim, in a folder laid out as the tiny recipe's commands leave runs/tiny (the tiny
+    models; the recipe copied with fewer images and the test-only Inception); then results joins both sweeps."""
     recipe = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
     recipe["sample"].update(num_images=10, batch_size=5)
     recipe["fid"].update(features="inception-random", batch_size=10)
@@ -150,7 +150,7 @@ def test_help_examples_run_literally(tiny_models, ref, tmp_path):
     (tmp_path / "recipes" / "tiny.yaml").write_text(yaml.safe_dump(recipe))
     tiny = tmp_path / "runs" / "tiny"
     for name, target in (("vq/tokenizer.pt", "vq-tiny-s4.pt"), ("kl/tokenizer.pt", "kl-tiny-s4.pt"),
-                         ("discrete", "gpt"), ("continuous-add", "add"), ("val-ref.npz", None)):
+                         ("discrete", "gpt"), ("continuous", "add"), ("ref.npz", None)):
         (tiny / name).parent.mkdir(parents=True, exist_ok=True)
         (tiny / name).symlink_to(ref if target is None else tiny_models / target)
     shutil.copytree(tiny_models / "shards", tiny / "val")  # its manifest names the classes
@@ -161,12 +161,6 @@ def test_help_examples_run_literally(tiny_models, ref, tmp_path):
         proc = run_d2c(*args, cwd=tmp_path, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "| system | settings | FID | images/s" in proc.stdout
-    for args in _epilog_examples("results"):
-        (tiny / "samples").mkdir(exist_ok=True)
-        for name, point in (("two-stage-add", "two-stage-add/two-stage-add/stage2.num_iter=1,stage2.sampler=ddpm,"
-                                              "stage2.num_sampling_steps=25"),
-                            ("discrete-only", "discrete-only/discrete-only/stage1.cfg_scale=1.5")):
-            if not (tiny / "samples" / name).exists():
-                (tiny / "samples" / name).symlink_to(tiny / "sweep" / point)
-        proc = run_d2c(*args, cwd=tmp_path, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_d2c("results", "runs/tiny", f"two-stage-add={next((tiny / 'sweep' / 'two-stage-add').iterdir())}",
+                   "--frontier", "runs/tiny/sweep", "--frontier", "runs/tiny/sweep-discrete", cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and "## Speed-quality frontier" in proc.stdout, proc.stderr[-3000:]
