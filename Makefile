@@ -55,10 +55,18 @@ FID_REF := $(RUN)/val-ref.npz
 # table order: the ceilings, the two baselines, the method per fusion, stage 2's ceiling per fusion
 SYSTEMS := vq-reconstruction kl-reconstruction discrete-only continuous-only \
 	$(addprefix two-stage-,$(FUSIONS)) $(addprefix oracle-codes-,$(FUSIONS))
+# The speed-quality frontier (`d2c sweep`), its grid fixed before any of its numbers was seen: discrete-only
+# at four stage-1 CFG scales; continuous-only and each fusion at num_iter 1/2/4/8 x {DDPM 25, DPM-Solver++ 10};
+# the seed-to-seed spread of FID at one point (two-stage add, num_iter 4, DPM-Solver++ 10: seeds 1-3 beside 0).
+SWEEP_STAGE1 := --grid stage1.cfg_scale=1.0,1.5,2.0,3.0
+SWEEP_STAGE2 := --grid stage2.num_iter=1,2,4,8 --grid stage2.sampler:stage2.num_sampling_steps=ddpm:25,dpm-solver++:10
+SWEEP_SEEDS := --grid seed=1,2,3 --grid stage2.num_iter=4 --grid stage2.sampler:stage2.num_sampling_steps=dpm-solver++:10
+SWEEPS := discrete-only continuous-only $(addprefix two-stage-,$(FUSIONS)) seeds
+SWEEP = $(D2C) sweep $(@D) $(R) $(TOK) --set sample.discrete=$(RUN)/discrete --ref $(FID_REF)
 
 experiment: $(RUN)/results.md
 	@cat $(RUN)/results.md
-	@echo "grids: $(RUN)/results.png, $(RUN)/samples/*/grid.png, training grids in $(RUN)/*/grids"
+	@echo "grids: $(RUN)/results.png, $(RUN)/samples/*/grid.png, training grids in $(RUN)/*/grids; frontier: $(RUN)/frontier.png"
 
 $(RUN)/shards/manifest.json:
 	$(D2C) prepare synthetic $(RUN)/shards $(R)
@@ -94,9 +102,19 @@ $(FID_REF): $(RUN)/val/manifest.json
 $(RUN)/samples/%/metrics.json: $(RUN)/samples/%/manifest.json $(FID_REF)
 	$(D2C) fid $(RUN)/samples/$* --ref $(FID_REF) $(R)
 
-$(RUN)/results.md: $(foreach s,$(SYSTEMS),$(RUN)/samples/$(s)/metrics.json)
+$(RUN)/sweep/discrete-only/frontier.json: $(RUN)/discrete/summary.json $(FID_REF)
+	$(SWEEP) --system discrete-only=discrete-only $(SWEEP_STAGE1)
+$(RUN)/sweep/continuous-only/frontier.json: $(RUN)/continuous-none/summary.json $(FID_REF)
+	$(SWEEP) --system continuous-only=continuous-only:$(RUN)/continuous-none $(SWEEP_STAGE2)
+$(RUN)/sweep/two-stage-%/frontier.json: $(RUN)/discrete/summary.json $(RUN)/continuous-%/summary.json $(FID_REF)
+	$(SWEEP) --system two-stage-$*=two-stage:$(RUN)/continuous-$* $(SWEEP_STAGE2)
+$(RUN)/sweep/seeds/frontier.json: $(RUN)/discrete/summary.json $(RUN)/continuous-add/summary.json $(FID_REF)
+	$(SWEEP) --system two-stage-add=two-stage:$(RUN)/continuous-add $(SWEEP_SEEDS)
+
+$(RUN)/results.md: $(foreach s,$(SYSTEMS),$(RUN)/samples/$(s)/metrics.json) \
+		$(foreach s,$(SWEEPS),$(RUN)/sweep/$(s)/frontier.json)
 	$(D2C) results $(RUN) $(foreach s,$(SYSTEMS),$(s)=$(RUN)/samples/$(s)) --classes $(RUN)/val/manifest.json \
-		--title "Tiny experiment ($(RECIPE))"
+		--title "Tiny experiment ($(RECIPE))" $(foreach s,$(SWEEPS),--frontier $(RUN)/sweep/$(s))
 
 bench: install
 	$(BIN)/python bench/prepare.py

@@ -16,7 +16,7 @@ from contextlib import nullcontext
 
 import torch
 
-from d2ctool.continuous.config import FUSIONS
+from d2ctool.continuous.config import FUSIONS, ContinuousSamplingConfig
 from d2ctool.continuous.load import build_mar, preset_config
 from d2ctool.continuous.sample import sample_latents
 
@@ -41,7 +41,7 @@ def main() -> None:
         torch.manual_seed(0)
         cfg = preset_config(args.model, {"fusion": fusion, "latent_size": args.latent_size, "code_size": args.latent_size,
                                          "latent_channels": args.channels, "code_vocab": args.vocab,
-                                         "num_classes": args.classes, "num_sampling_steps": args.steps})
+                                         "num_classes": args.classes})
         model = build_mar(cfg).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         b, n = args.batch, args.latent_size**2
@@ -68,7 +68,8 @@ def main() -> None:
         c = torch.randint(0, args.vocab, (sb, n), device=device) if fusion != "none" else None
         start = time.perf_counter()
         with autocast:
-            sample_latents(model, y, c, num_iter=args.num_iter, cfg=2.0, generator=torch.Generator(device).manual_seed(0))
+            sample_latents(model, y, c, ContinuousSamplingConfig(num_iter=args.num_iter, num_sampling_steps=args.steps,
+                                                                 cfg_scale=2.0), generator=torch.Generator(device).manual_seed(0))
         if device.type == "cuda":
             torch.cuda.synchronize()
         sample_rate = sb / (time.perf_counter() - start)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from d2ctool.continuous.config import FUSIONS
+from d2ctool.continuous.config import FUSIONS, ContinuousSamplingConfig
 from d2ctool.continuous.load import build_mar, preset_config as mar_config
 from d2ctool.continuous.sample import sample_latents
 from d2ctool.discrete.blocks import code_loss
@@ -113,7 +113,7 @@ class Bench:
     def mar_model(self, fusion: str):
         return build_mar(mar_config(self.s["mar"], {
             "fusion": fusion, "latent_channels": self.channels, "latent_size": self.grid, "code_vocab": self.vocab,
-            "code_size": self.grid, "num_classes": self.s["classes"], "num_sampling_steps": self.s["diffusion_steps"]}))
+            "code_size": self.grid, "num_classes": self.s["classes"]}))
 
     def gpt(self) -> GPT:
         return self.gpt_model().to(self.device)
@@ -186,8 +186,8 @@ class Bench:
                 codes = generate(gpt, labels, SamplingConfig(cfg_scale=2.0, top_k=0), g)
                 self.sync()
                 out["stage1_s"] = round(time.perf_counter() - t0, 2)
-            sample_latents(mar, labels, codes, num_iter=self.s["num_iter"], cfg=2.9, cfg_schedule="linear",
-                           generator=g)
+            sample_latents(mar, labels, codes, ContinuousSamplingConfig(
+                num_iter=self.s["num_iter"], num_sampling_steps=self.s["diffusion_steps"], cfg_scale=2.9), generator=g)
         self.sync()
         seconds = time.perf_counter() - t0
         return {**out, "images_per_s": round(n / seconds, 2), "s_per_image": round(seconds / n, 4)}

@@ -19,6 +19,7 @@ import json
 import torch
 
 from d2ctool.continuous.load import load_mar
+from d2ctool.continuous.config import ContinuousSamplingConfig
 from d2ctool.continuous.sample import sample_latents
 from d2ctool.data.encoded import first_samples, read_manifest
 from d2ctool.tokenizers.kl import posterior_latents
@@ -67,7 +68,7 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=1.0)
     args = parser.parse_args()
 
-    model, info = load_mar("mar-tiny", args.run, {"num_sampling_steps": args.sampling_steps})
+    model, info = load_mar("mar-tiny", args.run)
     model.eval()
     latents, labels, codes = real_batch(args.data, args.num_images)
     generator = torch.Generator().manual_seed(0)
@@ -77,8 +78,8 @@ def main() -> None:
     print(json.dumps({"run": args.run, "data_latent_std": [round(float(v), 3) for v in data_std]}), flush=True)
     for clip in args.clips:
         sampled = sample_latents(model, labels, codes if model.cfg.fusion != "none" else None,
-                                 num_iter=min(args.num_iter, model.cfg.seq_len), cfg=args.cfg, clip_x0=clip,
-                                 generator=torch.Generator().manual_seed(1))
+                                 ContinuousSamplingConfig(num_iter=args.num_iter, num_sampling_steps=args.sampling_steps,
+                                                          cfg_scale=args.cfg, clip_x0=clip), generator=torch.Generator().manual_seed(1))
         std = sampled.std(dim=(0, 2, 3))
         print(json.dumps({"run": args.run, "clip_x0": clip, "sampled_latent_std": [round(float(v), 3) for v in std],
                           "sampled_mse_to_real": round(float((sampled - latents).pow(2).mean()), 4)}), flush=True)

@@ -376,6 +376,9 @@ def results(
     classes: Annotated[Optional[Path], typer.Option(
         "--classes", help="A shards manifest.json whose class names label the picture's columns.")] = None,
     title: Annotated[str, typer.Option("--title", help="Heading of results.md.")] = "Results",
+    frontier: Annotated[Optional[list[Path]], typer.Option(
+        "--frontier", help="A finished `d2c sweep` folder (repeatable): their points make one speed-quality "
+                           "frontier, written as OUT/frontier.{json,md,png} and appended to results.md.")] = None,
 ):
     """The results table: one row per scored sample folder (FID, sFID, P/R, IS, speed, sizes, budget) + a picture."""
     from d2ctool.evaluation.results import write_results
@@ -383,10 +386,36 @@ def results(
 
     pairs = [(s.split("=", 1)[0], s.split("=", 1)[1]) if "=" in s else (Path(s).name, s) for s in systems]
     names = load_manifest(classes.parent if classes.name == "manifest.json" else classes)["classes"] if classes else None
-    outcome = write_results(out, pairs, names, title)
+    outcome = write_results(out, pairs, names, title, frontier_sweeps=frontier or [])
     print((out / "results.md").read_text())
     if outcome.already_complete:
         print(f"results: {out} already holds these results; nothing to do")
+
+
+@app.command(epilog="Examples:\n\n  d2c sweep runs/tiny/sweep --recipe recipes/tiny.yaml --ref runs/tiny/ref.npz "
+                    "--system two-stage-add=two-stage:runs/tiny/continuous --grid stage2.num_iter=1,2,4 "
+                    "--grid stage2.sampler:stage2.num_sampling_steps=ddpm:25,dpm-solver++:10\n\n"
+                    "  d2c sweep runs/tiny/sweep-discrete --recipe recipes/tiny.yaml --ref runs/tiny/ref.npz "
+                    "--system discrete-only=discrete-only --grid stage1.cfg_scale=1.5,3")
+def sweep(
+    out: Annotated[Path, typer.Argument(help="Sweep folder: OUT/SYSTEM/POINT sample folders and "
+                                             "OUT/frontier.{json,md,png} (created; resumable).")],
+    ref: Annotated[Path, typer.Option("--ref", help="FID reference (`d2c fid-ref` output or an ADM .npz).")],
+    system: Annotated[list[str], typer.Option(
+        "--system", help="NAME=MODE[:STAGE2_RUN] (repeatable): a sampling mode and its stage-2 run; stage 1 and "
+                         "the tokenizers come from the recipe's sample section.")],
+    grid: Annotated[Optional[list[str]], typer.Option(
+        "--grid", help="An axis KEY=V1,V2 of `sample` settings (repeatable; replaces the recipe's sweep.grid); "
+                       "tie settings as K1:K2=A1:A2,B1:B2.")] = None,
+    recipe: RecipeOption = None,
+    set_: _set_option("sample.stage2.cfg_scale=2.0") = None,
+):
+    """FID against images/s over a grid of sampling settings: each point sampled, scored and timed, then the frontier."""
+    from d2ctool.sweep import run_sweep
+
+    rows = run_sweep(out, recipe, list(set_ or []), system, list(grid or []), ref)
+    print((out / "frontier.md").read_text())
+    print(f"sweep: {len(rows)} points -> {out / 'frontier.png'}")
 
 
 def main() -> None:

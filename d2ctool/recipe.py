@@ -21,7 +21,7 @@ from d2ctool.discrete.config import DiscreteConfig
 from d2ctool.tokenizers.config import EncodeConfig, TokenizersConfig, TokenizerTrainingConfig
 from d2ctool.errors import UserError
 from d2ctool.evaluation.config import FidConfig
-from d2ctool.sampling.config import SampleConfig
+from d2ctool.sampling.config import SampleConfig, SweepConfig
 from d2ctool.training.config import PlanConfig
 
 PATHS = "paths"
@@ -38,6 +38,7 @@ class Recipe:
     discrete: DiscreteConfig = nested(DiscreteConfig)
     continuous: ContinuousConfig = nested(ContinuousConfig)
     sample: SampleConfig = nested(SampleConfig)
+    sweep: SweepConfig = nested(SweepConfig)
     fid: FidConfig = nested(FidConfig)
     plan: PlanConfig = nested(PlanConfig)
 

@@ -26,10 +26,10 @@ from conftest import REPO, run_d2c
 NEEDS_ELSEWHERE = ("/data", "imagenet/", "VIRTUAL_", "inception-2015-12-05", "torchrun", "$", "shards/in-",
                    "shards/imagenet", "refs/imagenet", "--check-paths")
 ORDER = ["prepare", "train-tokenizer", "encode", "train-discrete", "train-continuous", "sample", "fid-ref", "fid",
-         "results", "plan", "recipes", "config"]
+         "sweep", "results", "plan", "recipes", "config"]
 SECTIONS = {"prepare": "prepare", "encode": "encode", "train-tokenizer": "tokenizer_training",
             "train-discrete": "discrete", "train-continuous": "continuous", "sample": "sample", "fid": "fid",
-            "fid-ref": "fid", "plan": "plan", "config": None}
+            "fid-ref": "fid", "sweep": "sample", "plan": "plan", "config": None}
 SMALLEST = {
     "prepare": {"shard_size": 10, "synthetic": {"num_classes": 2, "images_per_class": 6, "resolution": 40}},
     "tokenizer_training": {"codebook_size": 64, "val_images": 4,

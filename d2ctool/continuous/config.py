@@ -40,7 +40,6 @@ class MARConfig:
     diffloss_depth: int = bounded(6, min=1)
     diffloss_width: int = bounded(1024, min=8)
     diffusion_steps: int = bounded(1000, min=2)  # training timesteps of the cosine schedule
-    num_sampling_steps: int = bounded(100, min=2)  # respaced steps at sampling time
     diffusion_batch_mul: int = bounded(4, min=1)  # each token's loss is taken on this many noise draws
 
     # discrete codes: [B, code_size * code_size] indices into a codebook of code_vocab entries
@@ -79,24 +78,51 @@ class MARConfig:
             raise ConfigError(f"fusion 'add' adds one code embedding per token, so the code grid must equal the "
                               f"token grid: code_size is {self.code_size}, latent_size / patch_size is "
                               f"{self.seq_size}; use fusion prefix, qformer or crossattn for other grids")
-        if self.num_sampling_steps > self.diffusion_steps:
-            raise ConfigError(f"num_sampling_steps {self.num_sampling_steps} exceeds diffusion_steps "
-                              f"{self.diffusion_steps}")
         return self
+
+
+# fields older checkpoints record in their architecture config that are sampling settings now
+# (stage2.num_sampling_steps): dropped when such a checkpoint is read
+RETIRED_FIELDS = ("num_sampling_steps",)
+
+HEAD_SAMPLERS = ("ddpm", "ddim", "dpm-solver++")  # continuous/samplers/ holds one file each
+MASK_SCHEDULES = ("cosine", "linear")
+CFG_SCHEDULES = ("linear", "constant", "interval-ar", "interval-noise")
 
 
 @dataclass
 class ContinuousSamplingConfig:
-    """Stage-2 sampling knobs (MAR's defaults for mar-b: 64 steps, linear CFG)."""
+    """Stage-2 sampling knobs, all chosen at sample time (MAR's defaults for mar-b: 64 AR steps, 100 DDPM steps
+    of the head, linear CFG)."""
 
-    num_iter: int = bounded(64, min=1)  # masked-AR steps
-    num_sampling_steps: int = bounded(100, min=2)  # diffusion steps of the head (respaced)
+    num_iter: int = bounded(64, min=1)  # masked-AR steps (at most the token count; 1 = all tokens at once)
+    mask_schedule: Literal[MASK_SCHEDULES] = "cosine"  # share of tokens still masked after each AR step
+    sampler: Literal[HEAD_SAMPLERS] = "ddpm"  # the diffusion head's sampler (ddpm: MAR's, respaced)
+    num_sampling_steps: int = bounded(100, min=2)  # network evaluations of the head per token
+    eta: float = bounded(0.0, min=0.0, max=1.0)  # ddim only: 0 deterministic, 1 DDPM-like noise
     cfg_scale: float = bounded(2.9, min=1.0)
-    cfg_schedule: Literal["linear", "constant"] = "linear"
-    temperature: float = bounded(1.0, min=1e-3)
+    # linear: grows with the share of tokens generated (MAR); constant; interval-ar / interval-noise: cfg_scale
+    # only inside [cfg_interval_low, cfg_interval_high] of the AR progress (step / num_iter) or of the head's
+    # noise level (timestep / diffusion_steps), no guidance (and no unconditional pass) outside
+    cfg_schedule: Literal[CFG_SCHEDULES] = "linear"
+    cfg_interval_low: float = bounded(0.0, min=0.0, max=1.0)
+    cfg_interval_high: float = bounded(1.0, min=0.0, max=1.0)
+    temperature: float = bounded(1.0, min=1e-3)  # scales the noise a stochastic head sampler injects
     # bound on the diffusion head's predicted x0 at every step, in scaled-latent units; 0 = off (MAR's
     # sampler, exact for official weights). A briefly trained head needs it: see DiffusionHead.sample.
     clip_x0: float = bounded(0.0, min=0.0)
+
+    def validate(self) -> "ContinuousSamplingConfig":
+        """Relations between fields that single-field bounds cannot express."""
+        if self.cfg_interval_low > self.cfg_interval_high:
+            raise ConfigError(f"cfg_interval_low {self.cfg_interval_low} exceeds cfg_interval_high "
+                              f"{self.cfg_interval_high}")
+        deterministic = self.sampler == "dpm-solver++" or (self.sampler == "ddim" and self.eta == 0)
+        if deterministic and self.temperature != 1.0:
+            raise ConfigError(f"temperature {self.temperature} scales the noise a stochastic head sampler injects, "
+                              f"but {self.sampler}{' with eta 0' if self.sampler == 'ddim' else ''} injects none: use "
+                              "sampler ddpm or ddim with eta > 0, or temperature 1")
+        return self
 
 
 @dataclass
@@ -126,7 +152,7 @@ class ContinuousConfig:
 
 _TINY = dict(latent_channels=4, latent_size=8, buffer_size=4, encoder_dim=64, encoder_depth=2, encoder_heads=4,
              decoder_dim=64, decoder_depth=2, decoder_heads=4, attn_dropout=0.0, proj_dropout=0.0,
-             diffloss_depth=2, diffloss_width=128, num_sampling_steps=25, code_vocab=512, code_size=8,
+             diffloss_depth=2, diffloss_width=128, code_vocab=512, code_size=8,
              qformer_queries=8, qformer_depth=1)
 PRESETS = {
     "mar-b": MARConfig(),  # MAR mar_base: mar_base.pth

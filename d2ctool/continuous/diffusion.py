@@ -8,13 +8,15 @@ log sigma^2 = f log beta_t + (1 - f) log beta~_t with f = (v + 1) / 2.
 Training (`DiffusionHead.forward`): cosine schedule, uniform t in [0, T), loss = MSE(eps) + VLB, where the
 VLB only trains the variance (the predicted mean is detached there), in bits per dimension, with the
 discretized-Gaussian decoder term at t = 0, as in ADM/IDDPM's `training_losses` for learned range.
-Sampling (`DiffusionHead.sample`): ancestral steps over a respaced schedule; the network is always fed
-the original timestep index; temperature scales only the injected noise; CFG mixes epsilon only.
+Sampling (`DiffusionHead.sample`): one of the samplers in `samplers/` (MAR's ancestral DDPM by default)
+over a respaced schedule chosen at sample time; the network is always fed the original timestep index;
+CFG mixes epsilon only (`GuidedDenoiser`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from d2ctool.continuous import rng
 from d2ctool.continuous.blocks import LN_EPS
+from d2ctool.errors import UserError
 
 COSINE_OFFSET = 0.008  # s in alpha_bar(t) = cos^2((t + s) / (1 + s) * pi / 2)
 MAX_BETA = 0.999
@@ -213,16 +216,68 @@ class AdaLNMLP(nn.Module):
         return self.final_layer(x, y)
 
 
+@dataclass
+class GuidedDenoiser:
+    """The head's network at step i of a sampling schedule, with classifier-free guidance as MAR applies it:
+    both conditions in one batch, eps = eps_u + scale (eps_c - eps_u), the variance output from the
+    conditional half. `guided(i)` says whether step i is guided; where it is not, only the conditional half
+    runs."""
+
+    net: nn.Module
+    schedule: NoiseSchedule
+    z: torch.Tensor  # [N, Z] the condition of each row
+    z_uncond: torch.Tensor | None = None  # [N, Z] the unconditional one; None: no guidance at all
+    cfg_scale: float = 1.0
+    noise_window: tuple[float, float] | None = None  # guide only where timestep / (T - 1) lies in it
+    train_steps: int = 1000
+
+    def guided(self, i: int) -> bool:
+        if self.z_uncond is None:
+            return False
+        if self.noise_window is None:
+            return True
+        level = self.schedule.timesteps[i] / max(self.train_steps - 1, 1)
+        return self.noise_window[0] <= level <= self.noise_window[1]
+
+    def __call__(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, v) [N, C] each, float32, at step index i of the schedule."""
+        n, c = x.shape
+        t_net = self.schedule.at("timesteps", torch.full((n,), i, dtype=torch.long, device=x.device))
+        if not self.guided(i):
+            eps, v = self.net(x, t_net, self.z).float().split(c, dim=1)
+            return eps, v
+        out = self.net(torch.cat([x, x]), torch.cat([t_net, t_net]), torch.cat([self.z, self.z_uncond])).float()
+        eps, v = out.split(c, dim=1)
+        eps_c, eps_u = eps.chunk(2)
+        return eps_u + self.cfg_scale * (eps_c - eps_u), v[:n]
+
+    def x0(self, x: torch.Tensor, i: int, clip_x0: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, eps, v) at step i: the data prediction implied by eps, clamped to [-clip_x0, clip_x0] if clip_x0 > 0."""
+        eps, v = self(x, i)
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        x0 = self.schedule.at("sqrt_recip_ac", t) * x - self.schedule.at("sqrt_recipm1_ac", t) * eps
+        return (x0.clamp(-clip_x0, clip_x0) if clip_x0 > 0 else x0), eps, v
+
+
 class DiffusionHead(nn.Module):
     """Per-token diffusion loss and sampler. Stored in MAR as `diffloss` (its network as `diffloss.net`)."""
 
     def __init__(self, channels: int, cond_dim: int, width: int, depth: int, steps: int = 1000,
-                 sampling_steps: int = 100, grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False):
         super().__init__()
         self.channels = channels
         self.net = AdaLNMLP(channels, width, cond_dim, depth, grad_checkpointing)
         self.train_schedule = NoiseSchedule(cosine_betas(steps))
-        self.sample_schedule = self.train_schedule.respaced(sampling_steps)
+        self._sample_schedules: dict[int, NoiseSchedule] = {}
+
+    def sample_schedule(self, steps: int) -> NoiseSchedule:
+        """The training schedule respaced to `steps` steps (ADM's respacing; cached)."""
+        if steps not in self._sample_schedules:
+            if not 2 <= steps <= self.train_schedule.num_steps:
+                raise UserError(f"stage2.num_sampling_steps must lie in [2, {self.train_schedule.num_steps}] (the "
+                                f"head was trained with diffusion_steps {self.train_schedule.num_steps}), got {steps}")
+            self._sample_schedules[steps] = self.train_schedule.respaced(steps)
+        return self._sample_schedules[steps]
 
     def losses(self, x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Per-row loss [N] = MSE(eps) + VLB (bits/dim; trains the variance only) for given t and noise."""
@@ -251,32 +306,21 @@ class DiffusionHead(nn.Module):
         return (loss * mask).sum() / mask.sum()
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg_scale: float = 1.0,
-               z_uncond: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               clip_x0: float = 0.0) -> torch.Tensor:
-        """One token per row of z [N, Z] -> [N, C] (float32). With z_uncond, the network runs on both
-        conditions in one batch and eps = eps_uncond + cfg_scale * (eps_cond - eps_uncond); the variance
-        comes from the conditional half.
+    def sample(self, z: torch.Tensor, settings, cfg_scale: float = 1.0, z_uncond: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """One token per row of z [N, Z] -> [N, C] (float32), with the head sampler and steps of `settings`
+        (a ContinuousSamplingConfig). With z_uncond, CFG at `cfg_scale` (see GuidedDenoiser); under
+        cfg_schedule interval-noise only on the head's noise levels inside the interval.
 
-        clip_x0 > 0 bounds the x0 implied by eps at every step. MAR samples unclipped (0), which needs a
+        settings.clip_x0 > 0 bounds the x0 implied by eps at every step. MAR samples unclipped (0), which needs a
         head whose eps is very accurate at the first steps: at t = 999 of the cosine schedule x0 is
         (x_t - sqrt(1 - abar) eps) / sqrt(abar) with 1 / sqrt(abar) ~ 2e4, so an eps error of 0.05 puts
         x0 near 1,000 and the chain never recovers; clipping at the data's range removes that."""
-        s, n = self.sample_schedule, z.shape[0]
-        cond = z if z_uncond is None else torch.cat([z, z_uncond])
-        x = rng.randn((n, self.channels), z.device, generator)
-        for i in reversed(range(s.num_steps)):
-            t = torch.full((n,), i, dtype=torch.long, device=z.device)
-            t_net = s.at("timesteps", t)
-            if z_uncond is None:
-                eps, v = self.net(x, t_net, cond).float().split(self.channels, dim=1)
-            else:
-                eps, v = self.net(torch.cat([x, x]), torch.cat([t_net, t_net]), cond).float().split(self.channels, dim=1)
-                eps_c, eps_u = eps.chunk(2)
-                eps, v = eps_u + cfg_scale * (eps_c - eps_u), v[:n]
-            mean, log_var = s.p_mean_log_var(x, t, eps, v, clip_x0)
-            if i > 0:
-                x = mean + torch.exp(0.5 * log_var) * rng.randn(x.shape, z.device, generator) * temperature
-            else:
-                x = mean
-        return x
+        from d2ctool.continuous.samplers import HEAD_SAMPLERS
+
+        schedule = self.sample_schedule(settings.num_sampling_steps)
+        window = ((settings.cfg_interval_low, settings.cfg_interval_high)
+                  if settings.cfg_schedule == "interval-noise" else None)
+        denoiser = GuidedDenoiser(self.net, schedule, z, z_uncond, cfg_scale, window, self.train_schedule.num_steps)
+        noise = rng.randn((z.shape[0], self.channels), z.device, generator)
+        return HEAD_SAMPLERS[settings.sampler](denoiser, noise, settings, generator)

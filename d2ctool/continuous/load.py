@@ -17,7 +17,7 @@ from d2ctool.checkpoints import (CHECKPOINT_FORMAT, LoadedWeights, check_state_d
                                   mapping_entry, refuse_other_format, run_checkpoint, state_dict_entry, unwrap,
                                   weights_entry)
 from d2ctool.config import ConfigError, build
-from d2ctool.continuous.config import PRESETS, MARConfig
+from d2ctool.continuous.config import PRESETS, RETIRED_FIELDS, MARConfig
 from d2ctool.continuous.model import MAR
 from d2ctool.errors import UserError
 from d2ctool.identity import file_sha256
@@ -36,6 +36,8 @@ def preset_config(preset: str, overrides: dict | None = None) -> MARConfig:
 
 
 def config_from_dict(data: dict, where: str) -> MARConfig:
+    """The architecture config a checkpoint records; the sampling settings older ones kept there are dropped."""
+    data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
     try:
         return build(MARConfig, data).validate()
     except ConfigError as e:
@@ -72,7 +74,7 @@ def load_mar(preset: str, checkpoint: str | Path | None, overrides: dict | None 
              use_ema: bool = True) -> tuple[MAR, LoadedWeights]:
     """The model with its weights (CPU, eval mode) and a record of what was loaded. Our own checkpoints
     carry their config (the preset is ignored); official ones are read with the preset's architecture.
-    `overrides` change config fields that leave the state dict alone (e.g. num_sampling_steps)."""
+    `overrides` change config fields that leave the state dict alone (e.g. grad_checkpointing)."""
     if checkpoint is None:
         raise UserError(f"no MAR checkpoint given: pass MAR's mar_base/large/huge.pth (with preset mar-b/l/h) or "
                         f"a checkpoint of our own (preset given: {preset})")

@@ -85,7 +85,7 @@ class MAR(nn.Module):
         self._init_weights()
         # created after the initialisation above: the head initialises itself
         self.diffloss = DiffusionHead(cfg.token_dim, dd, cfg.diffloss_width, cfg.diffloss_depth, cfg.diffusion_steps,
-                                      cfg.num_sampling_steps, cfg.grad_checkpointing)
+                                      cfg.grad_checkpointing)
 
     def _init_weights(self):
         for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,

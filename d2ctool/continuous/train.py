@@ -37,7 +37,6 @@ def model_config_for_data(cfg: ContinuousConfig, manifest: EncodedManifest):
                  "code_vocab": manifest.codebook_size, "code_size": grid,
                  "num_classes": manifest.num_classes, "fusion": cfg.fusion,
                  "code_corrupt_prob": cfg.code_corrupt_prob,
-                 "num_sampling_steps": cfg.sampling.num_sampling_steps,
                  "grad_checkpointing": cfg.train.grad_checkpointing}
     for name in ("qformer_queries", "qformer_depth", "label_drop_prob", "diffusion_batch_mul"):
         if getattr(cfg, name) is not None:
@@ -99,11 +98,8 @@ class ContinuousTask(EncodedShardsTask):
     @torch.no_grad()
     def write_grid(self, model: MAR, path: Path, device: torch.device) -> None:
         means, labels, codes = (t.to(device) for t in self.grid_batch())
-        s = self.cfg.sampling
         latents = sample_latents(model, labels, codes if self._model_cfg.fusion != "none" else None,
-                                 num_iter=min(s.num_iter, model.cfg.seq_len), cfg=s.cfg_scale,
-                                 cfg_schedule=s.cfg_schedule, temperature=s.temperature, clip_x0=s.clip_x0,
-                                 generator=torch.Generator(device).manual_seed(0))
+                                 self.cfg.sampling, generator=torch.Generator(device).manual_seed(0))
         kl = self.kl(device)
         images = torch.cat([kl.decode_latents(means, self.norm), kl.decode_latents(latents, self.norm)])
         save_grid(path, to_uint8(images), len(means), ["real", "stage 2"])

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from d2ctool.checks import check_array
 from d2ctool.errors import UserError
 from d2ctool.evaluation.features import extractor_label
+from d2ctool.evaluation.frontier import read_points, render_frontier
 from d2ctool.io import json_text, read_json_object, read_npz, write_files
 from d2ctool.runstate import lock_output
 
@@ -236,8 +237,9 @@ def results_picture(rows: list[dict], class_names: list[str] | None, classes: in
 
 
 def write_results(out: str | Path, systems: list[tuple[str, str | Path]], class_names: list[str] | None = None,
-                  title: str = "Results") -> ResultsOutcome:
-    """results.md, results.json and results.png in `out`, from the scored sample folders `systems`.
+                  title: str = "Results", frontier_sweeps: list[str | Path] = ()) -> ResultsOutcome:
+    """results.md, results.json and results.png in `out`, from the scored sample folders `systems`; with
+    `frontier_sweeps` (finished `d2c sweep` folders) also their joint frontier (frontier.*), appended to results.md.
 
     Every input is read and checked, and all three files are rendered, before anything is written; they are
     then written as one set under the output lock. The same set already there is left alone (nothing to do,
@@ -252,10 +254,15 @@ def write_results(out: str | Path, systems: list[tuple[str, str | Path]], class_
     if repeated or any(not n.strip() for n in names):
         raise UserError(f"system names must be unique and not empty (repeated: {', '.join(repeated) or 'none'})")
     rows = [system_row(name, folder) for name, folder in systems]
+    points = [p for sweep in frontier_sweeps for p in read_points(sweep)]
     buf = io.BytesIO()
     results_picture(rows, class_names).save(buf, format="PNG")
     files = {"results.json": (json_text({"title": title, "rows": rows}, out / "results.json") + "\n").encode(),
              "results.md": markdown_table(rows, title).encode(), "results.png": buf.getvalue()}
+    if points:
+        frontier_files = render_frontier(points, f"Speed-quality frontier ({title})")
+        files["results.md"] += b"\n" + frontier_files["frontier.md"].replace(b"# Speed", b"## Speed", 1)
+        files.update(frontier_files)
     if all((out / name).is_file() and (out / name).read_bytes() == data for name, data in files.items()):
         return ResultsOutcome(rows, already_complete=True)
     lock_output(out)

@@ -24,7 +24,7 @@ import torch
 
 from d2ctool.checkpoints import CHECKPOINT_FORMAT, LoadedWeights, load_file, run_checkpoint
 from d2ctool.continuous.load import load_mar
-from d2ctool.continuous.sample import sample_latents
+from d2ctool.continuous.sample import check_settings, sample_latents
 from d2ctool.data.encoded import EncodedManifest, first_samples, read_manifest
 from d2ctool.discrete.config import preset as stage1_preset
 from d2ctool.discrete.generate import generate
@@ -142,8 +142,8 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
         _check_stage1_fits_vq(gpt.cfg, path, vq, tokenizers.vq.checkpoint, grid)
     if needs.stage2:
         path = _require(cfg.continuous, "sample.continuous (a train-continuous run or MAR's mar_*.pth)", mode)
-        mar, stage2_info = load_mar(cfg.continuous_preset, path, {"num_sampling_steps": cfg.stage2.num_sampling_steps},
-                                    use_ema=cfg.use_ema)
+        mar, stage2_info = load_mar(cfg.continuous_preset, path, use_ema=cfg.use_ema)
+        check_settings(cfg.stage2, mar)
         loaded["stage2"] = stage2_info.record()
         fused = mar.cfg.fusion != "none"
         if needs.fused is False and fused:
@@ -251,6 +251,13 @@ def batch_seed(seed: int, start: int) -> int:
     return int(np.random.SeedSequence([seed, start]).generate_state(1)[0])
 
 
+def _synced(device: torch.device) -> float:
+    """The time once the device's queued work is done (so that each stage's seconds are its own)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @torch.no_grad()
 def generate_batch(chain: Chain, labels: np.ndarray, start: int, timings: dict) -> np.ndarray:
     """uint8 images [B, H, W, 3] for the images start .. start+len(labels)-1."""
@@ -268,13 +275,11 @@ def generate_batch(chain: Chain, labels: np.ndarray, start: int, timings: dict) 
             codes = chain.oracle[0][start:start + len(labels)].to(device)
         if chain.real_latents is not None:
             latents = chain.real_latents[start:start + len(labels)].to(device)
-        t1 = time.perf_counter()
+        t1 = _synced(device)
         if chain.uses_stage2:
-            s = cfg.stage2
-            latents = sample_latents(chain.mar, y, codes if chain.mar.cfg.fusion != "none" else None,
-                                     num_iter=min(s.num_iter, chain.mar.cfg.seq_len), cfg=s.cfg_scale,
-                                     cfg_schedule=s.cfg_schedule, temperature=s.temperature, clip_x0=s.clip_x0, generator=generator)
-        t2 = time.perf_counter()
+            latents = sample_latents(chain.mar, y, codes if chain.mar.cfg.fusion != "none" else None, cfg.stage2,
+                                     generator=generator)
+        t2 = _synced(device)
         if chain.uses_stage2:
             images = chain.kl.decode_latents(latents, chain.latent_norm)
         elif chain.real_latents is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from d2ctool.config import bounded, nested
@@ -63,3 +63,15 @@ class SampleConfig:
     grid_per_class: int = bounded(8, min=1)  # ... by this many samples
     stage1: SamplingConfig = nested(SamplingConfig)
     stage2: ContinuousSamplingConfig = nested(ContinuousSamplingConfig)
+
+
+@dataclass
+class SweepConfig:
+    """Recipe section `sweep`: the grid of sampling settings `d2c sweep` measures (see d2ctool/sweep.py)."""
+
+    # axes, each "KEY=V1,V2,..." with KEY a `sample` setting (e.g. stage2.num_iter=1,2,4), or tied keys
+    # "K1:K2=A1:A2,B1:B2" (e.g. stage2.sampler:stage2.num_sampling_steps=ddpm:25,dpm-solver++:10); the
+    # points are the product of the axes. An axis of a stage a system does not use is left out for it.
+    grid: list[str] = field(default_factory=list)
+    warmup_batches: int = bounded(1, min=0)  # timing: batches run first and not counted
+    timing_batches: int = bounded(2, min=1)  # timing: batches counted

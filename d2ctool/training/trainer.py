@@ -49,6 +49,8 @@ SUMMARY = "summary.json"  # written after the final export: its presence means t
 # train.* fields that may differ when a run is resumed (they do not change what is learned)
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "num_workers", "device", "compile",
                      "grad_checkpointing", "keep_last", "keep_every", "wandb"}
+# sections of a stage's config that may differ too: the periodic grids' sampling settings
+RESUMABLE_SECTIONS = {"sampling"}
 
 
 class TrainingTask(Protocol):
@@ -223,8 +225,10 @@ class Trainer:
             check_same_inputs(ckpt["inputs"], self.inputs, self.run_dir, f"d2c {self.task.name}",
                               restart="delete its checkpoints/ folder")
         old, new = copy.deepcopy(ckpt.get("config") or {}), copy.deepcopy(self.resolved_config)
-        for settings in (old, new):  # steps may grow and logistics may change; nothing else may
+        for settings in (old, new):  # steps may grow, logistics and grid sampling may change; nothing else may
             settings["train"] = {k: v for k, v in settings.get("train", {}).items() if k not in RESUMABLE_CHANGES}
+            for section in RESUMABLE_SECTIONS:
+                settings.pop(section, None)
         if old != new:
             from d2ctool.runstate import differences
 

@@ -14,12 +14,18 @@ from conftest import read_manifest
 from d2ctool.continuous.diffusion import DiffusionHead, NoiseSchedule, cosine_betas, spaced_timesteps
 from d2ctool.continuous.load import PRESETS, build_mar, init_from_checkpoint, load_mar, preset_config, save_mar
 from d2ctool.continuous.model import truncated_normal_mask_ratio
+from d2ctool.continuous.config import ContinuousSamplingConfig
 from d2ctool.continuous.sample import sample_latents
 from d2ctool.errors import UserError
 
 FUSED = ["add", "prefix", "qformer", "crossattn"]
 # sampling tests: few diffusion steps keep them fast on a CPU
 FAST = {"num_sampling_steps": 4}
+
+
+def stage2(**settings) -> ContinuousSamplingConfig:
+    """Stage-2 sampling settings, FAST unless given."""
+    return ContinuousSamplingConfig(**{**FAST, **settings})
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny models run fastest on one thread
@@ -95,8 +101,8 @@ def test_official_training_checkpoint_with_args_namespace_loads(tmp_path):
     path = tmp_path / "checkpoint-last.pth"
     torch.save({"model": sd, "model_ema": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 7,
                 "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="mar_base", lr=8e-4)}, path)
-    loaded, info = load_mar("mar-tiny", path, overrides={"num_sampling_steps": 10})
-    assert info.weights == "model_ema" and loaded.diffloss.sample_schedule.num_steps == 10
+    loaded, info = load_mar("mar-tiny", path)
+    assert info.weights == "model_ema" and loaded.diffloss.sample_schedule(10).num_steps == 10
     # DDP-wrapped keys are unwrapped too
     torch.save({"model": {f"module.{k}": v for k, v in sd.items()}}, path)
     assert load_mar("mar-tiny", path)[1].weights == "model"
@@ -229,13 +235,13 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
 
 def test_bf16_autocast_forward_and_sampling_run():
-    model = tiny("prefix", **FAST)
+    model = tiny("prefix")
     latents, labels, codes = batch()
     full = model(latents, labels, codes, generator=torch.Generator().manual_seed(0))  # fp32, the same draws
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(latents, labels, codes, generator=torch.Generator().manual_seed(0))
         loss.backward()
-        out = sample_latents(model, labels, codes, num_iter=2, cfg=2.0)
+        out = sample_latents(model, labels, codes, stage2(num_iter=2, cfg_scale=2.0))
     assert math.isfinite(loss.item()) and out.dtype == torch.float32 and torch.isfinite(out).all()
     assert loss.item() == pytest.approx(full.item(), rel=0.05)  # bf16 rounds, it does not change the loss
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
@@ -266,11 +272,11 @@ def test_mask_ratio_is_a_truncated_gaussian_on_0_7_to_1():
 
 @pytest.mark.parametrize("cfg, schedule", [(1.0, "linear"), (3.0, "linear"), (2.0, "constant")])
 def test_sampling_shapes_and_determinism(cfg, schedule):
-    model = tiny(**FAST)
+    model = tiny()
     labels = torch.tensor([1, 2, 3])
 
     def run(seed):
-        return sample_latents(model, labels, num_iter=4, cfg=cfg, cfg_schedule=schedule,
+        return sample_latents(model, labels, None, stage2(num_iter=4, cfg_scale=cfg, cfg_schedule=schedule),
                               generator=torch.Generator().manual_seed(seed))
 
     a = run(0)
@@ -281,23 +287,23 @@ def test_sampling_shapes_and_determinism(cfg, schedule):
 
 def test_unconditional_sampling_and_one_token_per_step():
     model = tiny(**FAST)
-    out = sample_latents(model, None, batch=2, num_iter=64, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    out = sample_latents(model, None, None, stage2(num_iter=64, temperature=0.5), batch=2, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
     with pytest.raises(UserError, match="batch size"):
         sample_latents(model, None)
-    with pytest.raises(UserError, match="cfg_schedule"):
-        sample_latents(model, torch.tensor([0]), cfg_schedule="cosine")
+    with pytest.raises(UserError, match="cfg_interval_low 0.6 exceeds cfg_interval_high 0.4"):
+        sample_latents(model, torch.tensor([0]), None, stage2(cfg_interval_low=0.6, cfg_interval_high=0.4))
 
 
 @pytest.mark.parametrize("fusion", FUSED)
 def test_codes_condition_the_samples(fusion):
-    model = tiny(fusion, **FAST)
+    model = tiny(fusion)
     randomise_fusion(model)
     _, labels, codes = batch(2)
     other = (codes + 1) % 512
 
     def run(c):
-        return sample_latents(model, labels, c, num_iter=3, cfg=1.5, generator=torch.Generator().manual_seed(0))
+        return sample_latents(model, labels, c, stage2(num_iter=3, cfg_scale=1.5), generator=torch.Generator().manual_seed(0))
 
     same = run(codes)
     assert torch.equal(same, run(codes.clone()))
@@ -354,11 +360,11 @@ class FakeNet(nn.Module):
 @pytest.mark.slow
 def test_head_sampling_feeds_original_timesteps_mixes_eps_and_scales_only_noise():
     c = 3
-    head = DiffusionHead(c, cond_dim=8, width=16, depth=1, steps=1000, sampling_steps=2)
+    head = DiffusionHead(c, cond_dim=8, width=16, depth=1, steps=1000)
     head.net = FakeNet(c)
     z = torch.randn(5, 8)
     z_uncond = torch.randn(5, 8)
-    s = head.sample_schedule
+    s = head.sample_schedule(2)
     assert s.timesteps == [0, 999]
 
     def expected(temperature, scale):
@@ -373,11 +379,11 @@ def test_head_sampling_feeds_original_timesteps_mixes_eps_and_scales_only_noise(
 
     for temperature, scale in [(1.0, 1.0), (0.3, 4.0)]:
         head.net.seen.clear()
-        out = head.sample(z, temperature, scale, z_uncond, generator=torch.Generator().manual_seed(0))
+        out = head.sample(z, stage2(num_sampling_steps=2, temperature=temperature), scale, z_uncond, generator=torch.Generator().manual_seed(0))
         assert torch.allclose(out, expected(temperature, scale), atol=1e-5)
         assert head.net.seen == [[999] * 10, [0] * 10]
     # without z_uncond there is no guidance: the conditional eps alone
-    out = head.sample(z, 0.3, 1.0, None, generator=torch.Generator().manual_seed(0))
+    out = head.sample(z, stage2(num_sampling_steps=2, temperature=0.3), 1.0, None, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(out, expected(0.3, 1.0), atol=1e-5)
 
 
@@ -410,7 +416,7 @@ def test_clear_errors_for_bad_inputs():
 
 
 def test_clip_x0_clamps_the_implied_x0_before_the_posterior():
-    s = DiffusionHead(4, 8, 16, 1, steps=1000, sampling_steps=25).sample_schedule
+    s = DiffusionHead(4, 8, 16, 1, steps=1000).sample_schedule(25)
     g = torch.Generator().manual_seed(0)
     xt, eps, v = (torch.randn(6, 4, generator=g) for _ in range(3))
     t = torch.tensor([24, 24, 20, 10, 1, 0])
@@ -427,7 +433,7 @@ def test_an_inaccurate_head_diverges_unclipped_and_stays_in_range_clipped():
     then starts from x0 ~ x_T / sqrt(alpha_bar_T) ~ 1e4; bounding x0 keeps the latents at the data's scale."""
     model = tiny()
     labels = torch.arange(4)
-    wild = sample_latents(model, labels, num_iter=2, generator=torch.Generator().manual_seed(0))
-    tame = sample_latents(model, labels, num_iter=2, clip_x0=3.0, generator=torch.Generator().manual_seed(0))
+    wild = sample_latents(model, labels, None, stage2(num_iter=2, num_sampling_steps=25), generator=torch.Generator().manual_seed(0))
+    tame = sample_latents(model, labels, None, stage2(num_iter=2, num_sampling_steps=25, clip_x0=3.0), generator=torch.Generator().manual_seed(0))
     assert wild.abs().max() > 100
     assert tame.abs().max() <= 3.0 + 1e-4  # the last step returns the posterior mean at t = 0: x0 itself

@@ -45,7 +45,8 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path)
     assert whole.step == 8 and (tmp_path / "whole" / "grids" / "step_0000008.png").is_file()
     args = ["train-continuous", *[f"--set={o}" for o in overrides(tiny_data, tmp_path / "killed")]]
     kill_at_metrics_line(5, events, args, tmp_path / "killed.log")  # step 5: after checkpoint 3, before 6
-    resumed = run(tiny_data, tmp_path / "killed")
+    # the grids' sampling settings are sample-time knobs: changing them does not block the resume
+    resumed = run(tiny_data, tmp_path / "killed", "sampling.num_sampling_steps=7", "sampling.sampler=dpm-solver++")
     assert resumed.resumed_from == 3
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)

@@ -37,6 +37,7 @@ sample:
   grid_per_class: 2
   stage1: {top_k: 0}
   stage2: {num_iter: 2, num_sampling_steps: 4, clip_x0: 3.0}
+sweep: {warmup_batches: 0, timing_batches: 1}
 fid: {features: inception-random, resolution: 32, num_ref_images: 8, batch_size: 8}
 """
 
@@ -51,8 +52,12 @@ def test_make_experiment_runs_every_stage_into_the_next_and_builds_the_table(tmp
     run = tmp_path / "run"
     env = {**os.environ, "D2C_CACHE_DIR": str(tmp_path / "cache")}
     make = ["make", "--no-print-directory", "-C", str(REPO), "experiment", f"RUN={run}", f"RECIPE={recipe}",
-            f"D2C={sys.executable} -m d2ctool", "JOBS=2", "VAL_PER_CLASS=2", "OMP_NUM_THREADS=1"]
-    proc = subprocess.run(make, capture_output=True, text=True, env=env, timeout=900)
+            f"D2C={sys.executable} -m d2ctool", "JOBS=2", "VAL_PER_CLASS=2", "OMP_NUM_THREADS=1",
+            # the frontier's grids, small: two points per stage-2 system, two seeds
+            "SWEEP_STAGE1=--grid stage1.cfg_scale=1.0,2.0",
+            "SWEEP_STAGE2=--grid stage2.sampler:stage2.num_sampling_steps=ddpm:4,dpm-solver++:3",
+            "SWEEP_SEEDS=--grid seed=1 --grid stage2.sampler:stage2.num_sampling_steps=dpm-solver++:3"]
+    proc = subprocess.run(make, capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     results = json.loads((run / "results.json").read_text())
@@ -70,6 +75,13 @@ def test_make_experiment_runs_every_stage_into_the_next_and_builds_the_table(tmp
     assert table in proc.stdout  # printed at the end
     picture = Image.open(run / "results.png")
     assert picture.size[1] > len(SYSTEMS) * 96
+    # the frontier of every system's sweep, with the seed spread, printed after the table
+    frontier = json.loads((run / "frontier.json").read_text())
+    assert {s["system"] for s in frontier["settings"]} == {"discrete-only", "continuous-only",
+                                                           *[f"two-stage-{f}" for f in ("add", "prefix", "qformer", "crossattn")]}
+    assert len(frontier["settings"]) == 2 + 5 * 2 and frontier["seed_spread"][0]["seeds"] == [0, 1]
+    assert "## Speed-quality frontier" in table and "Seed-to-seed spread of FID at two-stage-add" in table
+    assert (run / "frontier.png").is_file()
 
     # a finished experiment is a no-op: make finds every step done and runs no command
     again = subprocess.run(make, capture_output=True, text=True, env=env, timeout=300)
