@@ -22,7 +22,7 @@ LAYERS = [
     {"sampling"},
     {"evaluation"},
     {"recipe"},
-    {"plan"},
+    {"plan", "sweep"},  # command-level: the planner and the sweep (sample + fid over a grid) use the recipe
     {"cli", "__main__"},
 ]
 STAGES = {"discrete", "continuous"}
