@@ -13,7 +13,7 @@ from conftest import REPO
 
 LAYERS = [
     {"__init__", "errors", "progress", "io", "config", "distributed", "checkpoints", "runstate", "visual", "identity",
-     "stopping", "provenance"},
+     "stopping", "provenance", "checks"},
     {"data"},
     {"training"},
     {"tokenizers"},

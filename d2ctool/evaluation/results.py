@@ -93,15 +93,15 @@ METRICS = {"fid": (int, float), "kid": (int, float), "sfid": (int, float), "prec
 def check_scored_samples(name: str, folder: Path, metrics: dict) -> None:
     """Refuse a row whose metrics were computed on other images than the folder holds now (e.g. re-sampled
     after `d2c fid` ran): the numbers would belong to old samples."""
-    from d2ctool.evaluation.inputs import FolderImages, NpzImages
-    from d2ctool.identity import short
+    from d2ctool.evaluation.inputs import FolderImages
+    from d2ctool.identity import file_sha256, short
 
     scored = metrics.get("samples") if isinstance(metrics.get("samples"), dict) else {}
     npz, images = folder / "samples.npz", folder / "images"
-    current = NpzImages(npz) if scored.get("kind") == "npz" and npz.is_file() else \
-        FolderImages(images) if scored.get("kind") == "folder" and images.is_dir() else None
-    if current is None or scored.get("content_sha256") != current.content_sha256():
-        now = f"{current.path} has sha256 {short(current.content_sha256())}" if current is not None else \
+    current = (npz, file_sha256(npz)) if scored.get("kind") == "npz" and npz.is_file() else \
+        (images, FolderImages(images).content_sha256()) if scored.get("kind") == "folder" and images.is_dir() else None
+    if current is None or scored.get("content_sha256") != current[1]:
+        now = f"{current[0]} has sha256 {short(current[1])}" if current is not None else \
             f"{folder} has no {'samples.npz' if scored.get('kind') == 'npz' else 'images/'}"
         raise UserError(f"results: row {name}: {folder / 'metrics.json'} was computed on samples with sha256 "
                         f"{short(scored.get('content_sha256'))} ({scored.get('path')}), but {now}; re-run "

@@ -8,6 +8,8 @@ import errno
 import json
 import os
 
+import hashlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -36,8 +38,15 @@ def scored_folder(root, name="two-stage", n=6, classes=3, budget_lines=None):
                    "stage2": {"checkpoint": "/official/mar_base.pth", "parameters": 2_000_000}}}))
     (folder / "metrics.json").write_text(json.dumps({
         "fid": 12.3, "sfid": 4.5, "precision": 0.5, "recall": 0.4, "inception_score": 7.0, "num_samples": n,
-        "extractor": {"name": "inception-random", "mode": "clean"}, "reference": {"path": "/ref.npz"}}))
+        "extractor": {"name": "inception-random", "mode": "clean"}, "reference": {"path": "/ref.npz"},
+        "samples": scored_samples(folder)}))
     return folder
+
+
+def scored_samples(folder):
+    """The record `d2c fid` leaves of the samples it scored (`results` refuses a row whose samples changed)."""
+    npz = folder / "samples.npz"
+    return {"kind": "npz", "path": str(npz), "content_sha256": hashlib.sha256(npz.read_bytes()).hexdigest()}
 
 
 def results(monkeypatch, capsys, out, *folders, title="Results"):
@@ -145,6 +154,8 @@ def _break(folder, what):
         (folder / "images" / "000001.png").write_bytes(b"\x89PNG garbage")
     else:
         raise AssertionError(what)
+    if what.startswith(("labels", "npz")):  # scored as it is now: the npz reader, not the digest, must catch it
+        metrics.write_text(json.dumps({**s, "samples": scored_samples(folder)}))
 
 
 BREAKS = ["metrics not an object", "metrics not json", "metrics binary", "fid is text", "fid is NaN",
