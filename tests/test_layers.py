@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer and any lower one): the utilities, data/,
 training/ (the shared trainer, below every model that uses it), tokenizers/, the two stages (which do not
-import each other), sampling/, evaluation/, the recipe, the planner, the CLI.
+import each other), sampling/, evaluation/, the recipe, the planner and the sweep, the CLI.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ LAYERS = [
     {"sampling"},
     {"evaluation"},
     {"recipe"},
-    {"plan"},
+    {"plan", "sweep"},  # command-level modules beside the recipe
     {"cli", "__main__"},
 ]
 STAGES = {"discrete", "continuous"}
