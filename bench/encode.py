@@ -24,7 +24,8 @@ def measure(vq_name: str, kl_name: str, resolution: int, batch: int, device: tor
     vq = build_tokenizer("vq", preset_config("vq", vq_name)).eval().to(device)
     kl = build_tokenizer("kl", preset_config("kl", kl_name)).eval().to(device)
     check_grids(resolution, vq, kl, vq_name, kl_name)
-    images = np.random.default_rng(0).integers(0, 256, (batch, resolution, resolution, 3), dtype=np.uint8)
+    image = np.random.default_rng(0).integers(0, 256, (batch, resolution, resolution, 3), dtype=np.uint8)
+    images = np.stack([image, image[:, :, ::-1]], axis=1)  # and its h-flip: encode's default views
     autocast = device.type == "cuda"
     encode_images(vq, kl, images, device, autocast)  # warm-up
     done, start = 0, time.perf_counter()

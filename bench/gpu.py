@@ -197,7 +197,8 @@ class Bench:
             vq = build_tokenizer("vq", self.vq_cfg).eval()
             kl = build_tokenizer("kl", self.kl_cfg).eval()
         n, r = self.s["encode_batch"], self.s["resolution"]
-        images = np.random.default_rng(0).integers(0, 256, (n, r, r, 3), dtype=np.uint8)  # as decoded from shards
+        image = np.random.default_rng(0).integers(0, 256, (n, r, r, 3), dtype=np.uint8)  # as decoded from shards
+        images = np.stack([image, image[:, :, ::-1]], axis=1)  # and its h-flip: encode's default views
         encode_images(vq, kl, images, self.device, self.cuda)  # warm-up
         self.sync()
         t0 = time.perf_counter()

@@ -99,7 +99,8 @@ def encode(
     set_: _set_option("encode.batch_size=128") = None,
     force_restart: ForceRestartOption = False,
 ):
-    """Encode every image (ADM center crop, and its h-flip) to VQ codes and KL posterior moments."""
+    """Encode every image (ADM center crop and its h-flip, or LlamaGen's ten crops with encode.views=ten-crop) to
+    VQ codes and KL posterior moments."""
     from d2ctool.recipe import recipe_yaml
     from d2ctool.tokenizers.encode import encode as run_encode
 

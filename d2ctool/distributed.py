@@ -67,6 +67,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def most_over_ranks(value: int, device) -> int:
+    """The largest `value` any rank holds (itself when not under torchrun). Every rank must call it."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    most = torch.tensor([value], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item())
+
+
 def shutdown() -> None:
     import torch.distributed as dist
 

@@ -200,15 +200,17 @@ def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False)
         vq, kl = build_tokenizer("vq", vq_cfg).eval(), build_tokenizer("kl", kl_cfg).eval()
     grid = check_grids(res, vq, kl, tok.vq.preset, tok.kl.preset)
     num_classes = recipe.plan.num_classes
-    manifest = EncodedManifest.planned(grid, num_classes, vq_cfg.codebook_size, kl_cfg.embed_dim)
+    manifest = EncodedManifest.planned(grid, num_classes, vq_cfg.codebook_size, kl_cfg.embed_dim, recipe.encode.views)
     stages: list[StagePlan] = []
     notes: list[str] = []
 
-    both_views = 2 * (tokenizer_forward_flops("vq", vq, res) + tokenizer_forward_flops("kl", kl, res))
+    views = manifest.num_views
+    every_view = views * (tokenizer_forward_flops("vq", vq, res) + tokenizer_forward_flops("kl", kl, res))
     encode = StagePlan("encode", f"{tok.vq.preset} + {tok.kl.preset}", *map(sum, zip(_count(vq), _count(kl))),
-                       forward_flops=both_views)
+                       forward_flops=every_view)
     encode.images = recipe.plan.train_images
-    encode.notes.append("each image is encoded with its h-flip: FLOPs per image count both views")
+    encode.notes.append(f"each image is encoded in {views} views (encode.views={recipe.encode.views}): "
+                        "FLOPs per image count every view")
     _time(encode, encode.forward_flops, recipe)
     stages.append(encode)
 

@@ -4,6 +4,8 @@ Inside `StopSignals()`, these signals only set a flag; the long loops (training 
 shards, feature batches) look at it at their next boundary, keep what is finished (training first writes a
 checkpoint) and raise `Stopped`, which the CLI prints as one line before exiting with 128 + the signal's number.
 A second signal of the same kind stops at once (finished work is still kept: every file is written atomically).
+Under torchrun the ranks agree at every boundary (`requested(world, device)`): a signal that reaches one rank
+stops them all at the same boundary.
 
 SLURM sends its warning signal `--signal=B:USR1@120` before the end of a job's time; the signal to treat
 as "stop" besides SIGTERM and SIGINT is $D2C_STOP_SIGNAL (default SIGUSR1; e.g. SIGUSR2, or "none").

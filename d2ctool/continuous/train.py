@@ -1,8 +1,9 @@
 """`d2c train-continuous`: the stage-2 masked AR model on encoded shards, with the shared trainer.
 
 Each step sees a fresh latent drawn from the stored posterior moments (normalised by the encode
-manifest's `latent_norm`: a scale factor or per-channel statistics), of the original or the h-flipped
-image, and the discrete codes of the same flip (teacher forcing: stage 2 learns on real images' codes). The periodic grid shows, for a few real
+manifest's `latent_norm`: a scale factor or per-channel statistics) of one stored view of the image
+(the original or its h-flip, or one of ten crops), drawn at random, and the discrete codes of the same
+view (teacher forcing: stage 2 learns on real images' codes). The periodic grid shows, for a few real
 images, the KL decoding of their posterior mean above stage-2 samples conditioned on their codes.
 """
 
@@ -69,11 +70,11 @@ class ContinuousTask(EncodedShardsTask):
         return model
 
     def decode(self, members: dict, rng: np.random.Generator):
-        flip = int(rng.integers(2))  # codes and moments of the same (original or flipped) image
-        moments = torch.from_numpy(sample_moments(members, flip))
+        view = int(rng.integers(self.manifest.num_views))  # codes and moments of the same view, drawn at random
+        moments = torch.from_numpy(sample_moments(members, view))
         noise = torch.from_numpy(rng.standard_normal((moments.shape[0] // 2, *moments.shape[1:])).astype(np.float32))
         latents = self.norm.apply(posterior_latents(moments[None], noise[None]))[0]
-        codes = torch.from_numpy(sample_codes(members, flip))
+        codes = torch.from_numpy(sample_codes(members, view))
         return latents, int(members["cls"]), codes
 
     def loss(self, model, batch, device):

@@ -32,6 +32,22 @@ def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def ten_crop(image: Image.Image, size: int) -> list[Image.Image]:
+    """The ten views of LlamaGen's code extraction, in torchvision `TenCrop` order: the four corners
+    (top-left, top-right, bottom-left, bottom-right) and the centre of `image`, then the same five of its
+    horizontal flip. The centre's offsets are rounded as torchvision rounds them (half to even)."""
+    width, height = image.size
+    if min(width, height) < size:
+        raise ValueError(f"ten_crop: a {width}x{height} image is smaller than the {size} px crop")
+
+    def five(img: Image.Image) -> list[Image.Image]:
+        left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+        boxes = [(0, 0), (width - size, 0), (0, height - size), (width - size, height - size), (left, top)]
+        return [img.crop((x, y, x + size, y + size)) for x, y in boxes]
+
+    return five(image) + five(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+
+
 def to_minus_one_one(image: Image.Image) -> np.ndarray:
     """uint8 RGB image -> float32 CHW array in [-1, 1]."""
     return (np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5) - 1.0

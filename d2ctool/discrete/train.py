@@ -1,8 +1,8 @@
 """`d2c train-discrete`: the stage-1 model (LlamaGen's GPT or RAR) on encoded shards, with the shared
 trainer.
 
-Each sample's codes are taken from the original or the h-flipped image at random (seeded per
-sample). RAR trains on randomly permuted sequences with a probability annealed from 1 to 0 over
+Each sample's codes are those of one of its stored views (the original or its h-flip, or one of ten
+crops) drawn at random (seeded per sample), as LlamaGen draws them. RAR trains on randomly permuted sequences with a probability annealed from 1 to 0 over
 `discrete.permutation` (set on the model before every optimizer step, so a resumed run continues it).
 vocab_size, grid and classes come from the encode manifest; the periodic grid decodes generated codes
 with the VQ tokenizer the data was encoded with.
@@ -73,7 +73,7 @@ class DiscreteTask(EncodedShardsTask):
             model.random_ratio.fill_(self.cfg.permutation.probability(step))
 
     def decode(self, members: dict, rng: np.random.Generator):
-        codes = sample_codes(members, int(rng.integers(2)))  # original or h-flipped
+        codes = sample_codes(members, int(rng.integers(self.manifest.num_views)))  # one view at random (LlamaGen)
         return torch.from_numpy(codes), int(members["cls"])
 
     def loss(self, model, batch, device):

@@ -125,10 +125,15 @@ def sample(cfg: SampleConfig, tokenizers: TokenizersConfig, out: str | Path, res
     total = sum(min(cfg.batch_size, len(labels) - starts[k]) for k in mine)
     begin = time.perf_counter()
     with StopSignals() as stop, Progress(total, "sample", unit="img", enabled=None if rank == 0 else False) as bar:
-        for done, k in enumerate(mine):
-            if stop.requested():  # at a batch boundary: every finished batch is kept
-                raise stop.stop(f"sample kept {done} finished batch(es) of this run in {out} ({len(mine) - done} "
-                                "left on this rank); run the same command again to resume")
+        # every rank asks at each batch boundary, as many times as the busiest rank has batches: a signal that
+        # reaches one rank stops them all there, instead of leaving the others waiting at the next barrier
+        for done in range(distributed.most_over_ranks(len(mine), device)):
+            if stop.requested(world, device):  # every finished batch is kept
+                raise stop.stop(f"sample kept {min(done, len(mine))} finished batch(es) of this run in {out} "
+                                f"({max(len(mine) - done, 0)} left on this rank); run the same command again to resume")
+            if done >= len(mine):
+                continue
+            k = mine[done]
             start = starts[k]
             batch_labels = labels[start:start + cfg.batch_size]
             pixels = generate_batch(chain, batch_labels, start, timings)

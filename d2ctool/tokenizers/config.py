@@ -33,7 +33,12 @@ class EncodeConfig:
     """Recipe section `encode`: image shards -> per-image VQ codes and KL posterior moments."""
 
     resolution: int = bounded(256, min=8)  # ADM center crop size
-    batch_size: int = bounded(64, min=1)  # images per forward pass (each also encoded h-flipped)
+    # which views of each image are encoded (data/encoded.py VIEWS): flip = the crop and its h-flip (MAR,
+    # LlamaGen's default); ten-crop = LlamaGen's published --ten-crop: the four corners and the centre of an
+    # ADM crop `crop_range` times larger, and the same of its h-flip (5x the storage of flip)
+    views: Literal["flip", "ten-crop"] = "flip"
+    crop_range: float = bounded(1.1, min=1.0)  # ten-crop only: the larger crop is int(resolution * crop_range)
+    batch_size: int = bounded(64, min=1)  # images per forward pass (each encoded in every view)
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast on GPU; the CPU always runs fp32
     moments_dtype: Literal["float16", "float32"] = "float16"
     # how stage 2 normalises the latents: auto = the KL tokenizer's rule (kl-16: scale, vavae-*: channel)

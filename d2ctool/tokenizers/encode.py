@@ -1,8 +1,9 @@
-"""`d2c encode`: image shards -> shards of VQ codes and KL posterior moments, original and h-flipped.
+"""`d2c encode`: image shards -> shards of VQ codes and KL posterior moments of several views of each image.
 
 Each input shard becomes one output shard of the same name holding, per image, `codes.npy`
-(int16/int32 [2, h*w], row-major) and `moments.npy` (float16/32 [2, 2C, h, w]: mean, log-variance),
-index 0 the ADM-cropped image and index 1 its horizontal flip, plus `cls` and the source `json`.
+(int16/int32 [V, h*w], row-major) and `moments.npy` (float16/32 [V, 2C, h, w]: mean, log-variance) of
+the V views `encode.views` names (data/encoded.py VIEWS: the ADM-cropped image and its horizontal flip,
+or LlamaGen's ten crops), plus `cls` and the source `json`.
 Shards are written to a temporary name and renamed; a re-run skips finished shards. Under torchrun,
 rank r encodes shards r, r+W, ...; rank 0 writes the manifest once all are done.
 
@@ -28,9 +29,9 @@ from d2ctool import __version__, distributed
 from d2ctool.config import to_dict
 from d2ctool.data.reader import decode_image, image_member
 from d2ctool.data.members import SampleCheck
-from d2ctool.data.encoded import FORMAT
+from d2ctool.data.encoded import FORMAT, VIEWS, main_view
 from d2ctool.data.shards import iter_tar, load_manifest, npy_bytes, read_npy, read_shard, write_tar
-from d2ctool.data.transforms import adm_center_crop
+from d2ctool.data.transforms import adm_center_crop, ten_crop
 from d2ctool.checks import require_finite
 from d2ctool.errors import UserError
 from d2ctool.identity import file_input, shard_input
@@ -75,25 +76,32 @@ def codes_dtype(codebook_size: int) -> np.dtype:
 
 
 @torch.no_grad()
-def encode_images(vq, kl, images: np.ndarray, device: torch.device, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [N, R, R, 3] -> codes [N, 2, h*w] (long) and moments [N, 2, 2C, h, w] (float32), on the CPU.
-
-    Index 0 along dim 1 is the image, index 1 its horizontal flip.
-    """
-    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    x = torch.cat([x, x.flip(-1)])
-    n = len(images)
+def encode_images(vq, kl, views: np.ndarray, device: torch.device, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 views [N, V, R, R, 3] -> codes [N, V, h*w] (long) and moments [N, V, 2C, h, w] (float32), on the CPU."""
+    n, v = views.shape[:2]
+    x = torch.from_numpy(views).to(device).transpose(0, 1).flatten(0, 1)  # view-major: all first views, then ...
+    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
     context = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
     with context:
         codes = vq.encode(x)
         moments = kl.encode_moments(x).float()
-    codes = codes.reshape(2, n, -1).transpose(0, 1)
-    moments = moments.reshape(2, n, *moments.shape[1:]).transpose(0, 1)
+    codes = codes.reshape(v, n, -1).transpose(0, 1)
+    moments = moments.reshape(v, n, *moments.shape[1:]).transpose(0, 1)
     return codes.cpu(), moments.cpu()
 
 
-def encoded_channel_stats(out: Path, shards: list[dict], count: int, seed: int) -> LatentNorm:
-    """Per-channel mean / unbiased std of posterior samples (original views) of `count` random encoded images."""
+def image_views(image, cfg: EncodeConfig) -> np.ndarray:
+    """uint8 [V, R, R, 3]: the views `cfg.views` of one decoded image, in data/encoded.py VIEWS order."""
+    if cfg.views == "ten-crop":
+        larger = adm_center_crop(image, int(cfg.resolution * cfg.crop_range))
+        return np.stack([np.asarray(view) for view in ten_crop(larger, cfg.resolution)])
+    crop = np.asarray(adm_center_crop(image, cfg.resolution))
+    return np.stack([crop, crop[:, ::-1]])
+
+
+def encoded_channel_stats(out: Path, shards: list[dict], count: int, seed: int, view: int = 0) -> LatentNorm:
+    """Per-channel mean / unbiased std of posterior samples (of `view`, the image itself) of `count` random
+    encoded images."""
     total = sum(s["samples"] for s in shards)
     n = min(count, total)
     rng = np.random.default_rng(seed)
@@ -108,7 +116,7 @@ def encoded_channel_stats(out: Path, shards: list[dict], count: int, seed: int) 
             if picked.any():
                 for (_, members), take in zip(iter_tar(out / shard["file"]), picked):
                     if take:
-                        batch.append(read_npy(members["moments.npy"])[0].astype(np.float32))
+                        batch.append(read_npy(members["moments.npy"])[view].astype(np.float32))
                     if len(batch) == 256:
                         yield _sample(np.stack(batch), noise_rng)
                         batch = []
@@ -127,8 +135,8 @@ def _sample(moments: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
     return posterior_latents(torch.from_numpy(moments), noise)
 
 
-def _load_crop(data: bytes, resolution: int, where: str) -> np.ndarray:
-    return np.asarray(adm_center_crop(decode_image(data, where), resolution))
+def _load_views(data: bytes, cfg: EncodeConfig, where: str) -> np.ndarray:
+    return image_views(decode_image(data, where), cfg)
 
 
 def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cfg: EncodeConfig,
@@ -151,6 +159,8 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
     settings = to_dict(cfg)
     for irrelevant in ("batch_size", "loader_threads", "device"):  # do not change what is written
         settings.pop(irrelevant)
+    if cfg.views == "flip":  # recorded only when they matter, so folders encoded before they existed still resume
+        del settings["views"], settings["crop_range"]
     inputs = {"shards": shard_input(shards), "vq": {"path": vq_info.checkpoint, "sha256": vq_info.sha256},
               "kl": {"path": kl_info.checkpoint, "sha256": kl_info.sha256}}
     if cfg.latent_stats:
@@ -167,6 +177,7 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
     distributed.barrier()
 
     vq, kl = vq.to(device), kl.to(device)
+    views = VIEWS[cfg.views]
     autocast = device.type == "cuda" and cfg.precision == "bf16"
     code_type, moment_type = codes_dtype(vq.cfg.codebook_size), np.dtype(cfg.moments_dtype)
     num_shards = len(source["shards"])
@@ -179,16 +190,20 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
         info(f"encode: rank {rank} of {world} encodes {len(mine)} shard(s)")
     with StopSignals() as stop, Progress(total, "encode", unit="img", enabled=None if rank == 0 else False) as bar, \
             ThreadPoolExecutor(cfg.loader_threads) as pool:
-        for finished, index in enumerate(mine):
-            if stop.requested():  # at a shard boundary: every finished shard is kept
-                raise stop.stop(f"encode kept {finished} finished shard(s) of this run in {out} "
-                                f"({len(mine) - finished} left on this rank); run the same command again to resume")
-            entry = source["shards"][index]
+        # every rank asks at each shard boundary, as often as the busiest rank has shards (see sampling/run.py)
+        for finished in range(distributed.most_over_ranks(len(mine), device)):
+            if stop.requested(world, device):  # every finished shard is kept
+                raise stop.stop(f"encode kept {min(finished, len(mine))} finished shard(s) of this run in {out} "
+                                f"({max(len(mine) - finished, 0)} left on this rank); run the same command again "
+                                "to resume")
+            if finished >= len(mine):
+                continue
+            entry = source["shards"][mine[finished]]
             samples = read_shard(shards, entry, source)  # size, sha256 and count verified on this first read
             for key, members in samples:
                 check(shards / entry["file"], key, members)
-            images = list(pool.map(lambda s: _load_crop(image_member(s[1]), cfg.resolution,
-                                                        f"shard {shards / entry['file']}, sample {s[0]!r}"), samples))
+            images = list(pool.map(lambda s: _load_views(image_member(s[1]), cfg,
+                                                         f"shard {shards / entry['file']}, sample {s[0]!r}"), samples))
             written = []
             for start in range(0, len(samples), cfg.batch_size):
                 codes, moments = encode_images(vq, kl, np.stack(images[start:start + cfg.batch_size]), device, autocast)
@@ -205,7 +220,7 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
                 bar.advance(len(codes))
             with atomic_path(out / entry["file"]) as tmp:
                 write_tar(tmp, written)
-                folder.write_record(index, {"file": entry["file"], "samples": len(written),
+                folder.write_record(mine[finished], {"file": entry["file"], "samples": len(written),
                                             "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size})
         rate = bar.rate()
     distributed.barrier()
@@ -213,7 +228,7 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
         records = folder.records(num_shards)
         if norm is None:
             info(f"encode: per-channel latent statistics from up to {cfg.stats_images} images")
-            norm = encoded_channel_stats(out, records, cfg.stats_images, cfg.seed)
+            norm = encoded_channel_stats(out, records, cfg.stats_images, cfg.seed, main_view(VIEWS[cfg.views]))
             save_stats(out / "latents_stats.pt", norm)
         folder.finish({
             "format": FORMAT,
@@ -226,8 +241,8 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
             "shards": [{k: r[k] for k in ("file", "samples", "sha256", "bytes")} for r in records],
             "resolution": cfg.resolution,
             "grid": [grid, grid],
-            "codes": {"dtype": code_type.name, "shape": [2, grid * grid], "order": ["original", "hflip"]},
-            "moments": {"dtype": moment_type.name, "shape": [2, 2 * kl.cfg.embed_dim, grid, grid],
+            "codes": {"dtype": code_type.name, "shape": [len(views), grid * grid], "order": list(views)},
+            "moments": {"dtype": moment_type.name, "shape": [len(views), 2 * kl.cfg.embed_dim, grid, grid],
                         "layout": "mean then log-variance on channels"},
             "latent_norm": norm.record(),
             "scale_factor": norm.scale if norm.kind == "scale" else None,

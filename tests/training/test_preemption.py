@@ -180,3 +180,50 @@ def test_ctrl_c_outside_a_loop_says_that_finished_work_is_kept(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == ("interrupted: finished work is kept; run the same command "
                                                       "again to resume")
+
+
+def rank_pids(launcher: int) -> dict[int, int]:
+    """RANK -> pid of the workers torchrun `launcher` started (read from /proc: no psutil needed)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        rank = [v.split(b"=", 1)[1] for v in environ if v.startswith(b"RANK=")]
+        if ppid == launcher and rank:
+            found[int(rank[0])] = int(entry)
+    return found
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_boundary(tiny_data, tmp_path):
+    """Under torchrun a signal may reach one rank only (e.g. `scancel --signal=USR1` of one task): the ranks agree
+    at each shard boundary, so the other rank stops there too, by the same signal, instead of working on and then
+    waiting at a barrier for a rank that has left."""
+    shards = tmp_path / "shards"
+    assert run_d2c("prepare", "synthetic", shards, "--set", "prepare.shard_size=2", "--set",
+                   "prepare.synthetic.images_per_class=60", "--set", "prepare.synthetic.resolution=32", "--set",
+                   "prepare.synthetic.num_classes=4", "--set", "prepare.workers=1", env=ENV).returncode == 0
+    out = tmp_path / "encoded"
+    args = ["encode", shards, out, "--set", f"tokenizers.vq.checkpoint={tiny_data / 'vq-tiny-s4.pt'}", "--set",
+            f"tokenizers.kl.checkpoint={tiny_data / 'kl-tiny-s4.pt'}", "--set", "encode.resolution=32"]
+    log = open(tmp_path / "stderr.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29757", "-m", "d2ctool", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=log, text=True, env=ENV)
+    wait_for(lambda: len(list(out.glob("*.tar"))) >= 4 and len(rank_pids(proc.pid)) == 2, proc)
+    os.kill(rank_pids(proc.pid)[1], signal.SIGUSR1)
+    proc.wait(timeout=120)
+    printed = (tmp_path / "stderr.log").read_text()
+    stopped = [line for line in printed.splitlines() if line.startswith("stopped by ")]
+    assert proc.returncode != 0 and len(stopped) == 2, printed[-3000:]
+    # rank 0 was never signalled: it stopped because rank 1 was, by the same signal
+    assert all(line.startswith("stopped by SIGUSR1: encode kept ") for line in stopped), printed[-3000:]
+    assert "gloo" not in printed.lower() and "[rank0]" not in printed, printed[-3000:]
+    kept = sum(int(line.split("kept ")[1].split()[0]) for line in stopped)
+    assert 4 <= kept < 120 and len(list(out.glob("*.tar"))) == kept and not (out / "manifest.json").exists()
+    resumed = run_d2c(*args, env=ENV)
+    assert resumed.returncode == 0 and f"resuming, {kept} of 120 shards" in resumed.stderr, resumed.stderr
