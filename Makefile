@@ -14,7 +14,7 @@ FUSIONS ?= add prefix qformer crossattn
 # held-out images: the reference for every FID, and the real images of the oracle and reconstruction rows
 VAL_PER_CLASS ?= 20
 
-.PHONY: install test test-fast smoke reproduce experiment bench clean
+.PHONY: install test test-fast smoke smoke-chain reproduce experiment bench clean
 # every file below is a finished step's marker: never delete one as an intermediate
 .SECONDARY:
 
@@ -35,11 +35,19 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The whole chain at the smallest sizes (recipes/smoke.yaml, one fusion) into runs/smoke: checks an installation.
+# The whole chain at the smallest sizes (recipes/smoke.yaml, one fusion, a two-point frontier per system) into
+# runs/smoke: checks an installation. `smoke-chain` is the same without the install (the chain test runs it).
+SMOKE_RUN ?= runs/smoke
+SMOKE_FUSIONS ?= add
 smoke: install
-	@start=$$(date +%s); OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j$(JOBS) experiment \
-		RECIPE=recipes/smoke.yaml RUN=runs/smoke VAL_PER_CLASS=2 FUSIONS=add; \
+	@start=$$(date +%s); OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j$(JOBS) smoke-chain; \
 	echo "make smoke: $$(( $$(date +%s) - start )) s"
+
+smoke-chain:
+	@$(MAKE) --no-print-directory experiment RECIPE=recipes/smoke.yaml RUN=$(SMOKE_RUN) VAL_PER_CLASS=2 \
+		FUSIONS="$(SMOKE_FUSIONS)" SWEEP_STAGE1="--grid stage1.cfg_scale=1.0,2.0" \
+		SWEEP_STAGE2="--grid stage2.sampler:stage2.num_sampling_steps=ddpm:4,dpm-solver++:3" \
+		SWEEP_SEEDS="--grid seed=1 --grid stage2.sampler:stage2.num_sampling_steps=dpm-solver++:3"
 
 # The tiny experiment end to end, then its results table. Every step is resumable and a finished one is
 # skipped: re-running `make reproduce` finishes a killed run.

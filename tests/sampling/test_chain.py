@@ -13,50 +13,18 @@ from PIL import Image
 
 from conftest import REPO
 
-SMALLEST = """
-prepare: {shard_size: 20, workers: 1, synthetic: {num_classes: 4, images_per_class: 6, resolution: 40}}
-tokenizer_training:
-  codebook_size: 64
-  resolution: 32
-  val_images: 8
-  train: {steps: 3, global_batch_size: 8, num_workers: 0, sample_every: 0, log_every: 1}
-encode: {resolution: 32, batch_size: 16}
-discrete:
-  model: gpt-tiny
-  grid_classes: 2
-  train: {steps: 2, global_batch_size: 8, num_workers: 0, sample_every: 0, log_every: 1}
-continuous:
-  model: mar-tiny
-  grid_samples: 2
-  train: {steps: 2, global_batch_size: 8, num_workers: 0, sample_every: 0, log_every: 1}
-  sampling: {num_iter: 2, num_sampling_steps: 4}
-sample:
-  num_images: 8
-  batch_size: 8
-  grid_classes: 2
-  grid_per_class: 2
-  stage1: {top_k: 0}
-  stage2: {num_iter: 2, num_sampling_steps: 4, clip_x0: 3.0}
-sweep: {warmup_batches: 0, timing_batches: 1}
-fid: {features: inception-random, resolution: 32, num_ref_images: 8, batch_size: 8}
-"""
-
 SYSTEMS = ["vq-reconstruction", "kl-reconstruction", "discrete-only", "continuous-only",
            *[f"{kind}-{f}" for kind in ("two-stage", "oracle-codes") for f in ("add", "prefix", "qformer", "crossattn")]]
 
 
 @pytest.mark.slow
 def test_make_experiment_runs_every_stage_into_the_next_and_builds_the_table(tmp_path):
-    recipe = tmp_path / "smallest.yaml"
-    recipe.write_text(SMALLEST)
+    """`make smoke-chain` (what `make smoke` runs: recipes/smoke.yaml, two frontier points per system), with every
+    fusion instead of the smoke test's one."""
     run = tmp_path / "run"
-    env = {**os.environ, "D2C_CACHE_DIR": str(tmp_path / "cache")}
-    make = ["make", "--no-print-directory", "-C", str(REPO), "experiment", f"RUN={run}", f"RECIPE={recipe}",
-            f"D2C={sys.executable} -m d2ctool", "JOBS=2", "VAL_PER_CLASS=2", "OMP_NUM_THREADS=1",
-            # the frontier's grids, small: two points per stage-2 system, two seeds
-            "SWEEP_STAGE1=--grid stage1.cfg_scale=1.0,2.0",
-            "SWEEP_STAGE2=--grid stage2.sampler:stage2.num_sampling_steps=ddpm:4,dpm-solver++:3",
-            "SWEEP_SEEDS=--grid seed=1 --grid stage2.sampler:stage2.num_sampling_steps=dpm-solver++:3"]
+    env = {**os.environ, "D2C_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    make = ["make", "--no-print-directory", "-C", str(REPO), "-j2", "smoke-chain", f"SMOKE_RUN={run}",
+            "SMOKE_FUSIONS=add prefix qformer crossattn", f"D2C={sys.executable} -m d2ctool"]
     proc = subprocess.run(make, capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
