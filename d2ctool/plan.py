@@ -263,9 +263,9 @@ def plan_recipe(recipe: Recipe, name: str = "recipe", check_paths: bool = False)
     if s.classes is None and s.num_images % num_classes:
         notes.append(f"sample.num_images {s.num_images} is not a multiple of {num_classes} classes: the evaluation "
                      "set is not exactly class-balanced")
-    if "discrete" in stages_run and s.image_size != res:  # read only for official stage-1 files
-        notes.append(f"sample.image_size {s.image_size} differs from encode.resolution {res}: an official stage-1 "
-                     "file in sample.discrete would get the wrong token grid")
+    if "discrete" in stages_run and s.image_size is not None and s.image_size != res:
+        notes.append(f"sample.image_size {s.image_size} differs from encode.resolution {res}: the stage-1 "
+                     "model trained on these codes would be refused (an official file would get the wrong grid)")
     notes.append(f"evaluation: {s.num_images} samples ({mode}), then `d2c fid --ref` (ImageNet 256: ADM's "
                  "VIRTUAL_imagenet256_labeled.npz); sampling cost is measured by bench/gpu.py, not estimated here")
     missing = [f"{key}: {path}" for key, path in inputs.items() if not Path(path).is_file() or _empty(path)]

@@ -176,6 +176,10 @@ def test_the_tiny_recipe_plans_too():
                                                                      "plan.num_classes=10"]), "tiny")
     assert [s.name for s in plan.stages] == ["encode", "train-discrete", "train-continuous"]
     assert plan.stages[1].steps_per_epoch == 1000 // 32
+    assert not any("sample.image_size" in n for n in plan.notes)  # unset: the stage-1 run's own
+    plan = plan_recipe(load_recipe(REPO / "recipes" / "tiny.yaml", ["plan.train_images=1000", "plan.gpus=1",
+                                                                     "plan.num_classes=10", "sample.image_size=256"]),
+                       "tiny")
     assert any("sample.image_size 256 differs from encode.resolution 32" in n for n in plan.notes)
 
 

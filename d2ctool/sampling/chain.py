@@ -31,7 +31,7 @@ from d2ctool.discrete.generate import generate
 from d2ctool.discrete.load import data_config, family, load_stage1
 from d2ctool.errors import UserError
 from d2ctool.identity import shard_input
-from d2ctool.sampling.config import MODES, SampleConfig
+from d2ctool.sampling.config import MODES, OFFICIAL_IMAGE_SIZE, SampleConfig
 from d2ctool.tokenizers.config import TokenizersConfig
 from d2ctool.tokenizers.kl import posterior_latents
 from d2ctool.tokenizers.latent_norm import LatentNorm
@@ -133,13 +133,18 @@ def build_chain(cfg: SampleConfig, tokenizers: TokenizersConfig, device: torch.d
                         mode)
         official = grid = None
         if not _is_our_run(path):
-            grid = cfg.image_size // vq.stride
+            grid = (cfg.image_size or OFFICIAL_IMAGE_SIZE) // vq.stride
             official = data_config(stage1_preset(cfg.discrete_preset), vq.cfg.codebook_size, grid,
                                    num_classes=1000)  # the released c2i models are ImageNet-1k
         gpt, info = load_stage1(path, official, use_ema=cfg.use_ema)
         loaded["stage1"] = {**info, "family": family(gpt.cfg), "config": dataclasses.asdict(gpt.cfg),
                             "sampling": dataclasses.asdict(cfg.stage1.resolved())}
         _check_stage1_fits_vq(gpt.cfg, path, vq, tokenizers.vq.checkpoint, grid)
+        if cfg.image_size is not None and gpt.cfg.grid * vq.stride != cfg.image_size:
+            makes = gpt.cfg.grid * vq.stride
+            raise UserError(f"sample.image_size is {cfg.image_size}, but the stage-1 run {path} makes "
+                            f"{gpt.cfg.grid}x{gpt.cfg.grid} codes, which the VQ tokenizer (stride {vq.stride}) decodes "
+                            f"to {makes}x{makes} px: set sample.image_size={makes}, or leave it unset for a run of ours")
     if needs.stage2:
         path = _require(cfg.continuous, "sample.continuous (a train-continuous run or MAR's mar_*.pth)", mode)
         mar, stage2_info = load_mar(cfg.continuous_preset, path, use_ema=cfg.use_ema)

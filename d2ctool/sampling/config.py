@@ -43,6 +43,10 @@ MODES = {
 }
 
 
+# the image size of the released class-conditional stage-1 files (LlamaGen c2i_*_256.pt, RAR rar_*.bin)
+OFFICIAL_IMAGE_SIZE = 256
+
+
 @dataclass
 class SampleConfig:
     mode: Literal[tuple(MODES)] = "two-stage"
@@ -51,7 +55,10 @@ class SampleConfig:
     continuous: str | None = None  # stage 2: a train-continuous run folder, our checkpoint, or MAR's mar_*.pth
     continuous_preset: str = "mar-b"  # architecture of an official stage-2 file
     oracle_data: str | None = None  # oracle-codes and *-reconstruction: encoded shards of real images
-    image_size: int = bounded(256, min=8)  # official stage-1 files: token grid = image_size / VQ stride
+    # pixels per side of the token grid (stage 1's grid x the VQ stride). None: our own stage-1 run's, and 256 for an
+    # official stage-1 file (whose grid it sets: LlamaGen's 384 px models need 384); a run that does not make
+    # images of this size is refused
+    image_size: int | None = bounded(None, min=8)
     num_images: int = bounded(50_000, min=1)
     classes: list[int] | None = None  # explicit labels, cycled; default: class-balanced over all classes
     batch_size: int = bounded(64, min=1)  # fixed per run: a batch's seed comes from its first image's index

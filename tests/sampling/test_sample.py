@@ -111,7 +111,14 @@ def test_wrong_combinations_fail_before_sampling(tiny_models, tmp_path):
         run(tiny_models, out, "two-stage", f"tokenizers.kl.checkpoint={tmp_path / 'kl8.pt'}")
     with pytest.raises(UserError, match="not a multiple of the 10 classes.*use 20 or 30"):
         run(tiny_models, out, "two-stage", "sample.num_images=25")
+    # our stage-1 run makes 8x8 codes of a stride-4 VQ: 32 px; asking for 256 px (the old default) is refused
+    for mode in ("two-stage", "discrete-only"):
+        with pytest.raises(UserError, match=r"sample.image_size is 256, but the stage-1 run .*gpt makes 8x8 codes, "
+                                            r"which the VQ tokenizer \(stride 4\) decodes to 32x32 px: set "
+                                            r"sample.image_size=32"):
+            run(tiny_models, out, mode, "sample.image_size=256")
     assert not out.exists()
+    assert run(tiny_models, out, "discrete-only", "sample.image_size=32").num_images == 20  # the size it makes
 
 
 def _real_encoded(root, count):
