@@ -108,8 +108,28 @@ def _dominated(p: dict, others: list[dict]) -> bool:
                and (q["fid"] < p["fid"] or q["images_per_second"] > p["images_per_second"]) for q in others)
 
 
+def reaches(settings: list[dict]) -> list[dict]:
+    """For every ordered pair of systems (A, B): the fastest setting of A whose FID is at most B's best FID, and
+    its images/s against those of B's best setting (the question "what does A need to match B, and how fast")."""
+    systems = list(dict.fromkeys(s["system"] for s in settings))
+    best = {b: min((s for s in settings if s["system"] == b), key=lambda s: s["fid"]) for b in systems}
+    out = []
+    for a in systems:
+        for b in systems:
+            target = best[b]
+            hits = [s for s in settings if s["system"] == a and s["fid"] <= target["fid"]]
+            fastest = max(hits, key=lambda s: s["images_per_second"]) if hits else None
+            out.append({"system": a, "target": b, "target_label": target["label"], "target_fid": target["fid"],
+                        "target_images_per_second": target["images_per_second"],
+                        "label": fastest["label"] if fastest else None, "fid": fastest["fid"] if fastest else None,
+                        "images_per_second": fastest["images_per_second"] if fastest else None,
+                        "speedup": fastest["images_per_second"] / target["images_per_second"] if fastest else None})
+    return out
+
+
 def frontier(rows: list[dict]) -> dict:
-    """Settings with their Pareto marks (per system, across systems) and the seed-to-seed spread."""
+    """Settings with their Pareto marks (per system, across systems), who reaches whose best FID, and the
+    seed-to-seed spread."""
     if not rows:
         raise UserError("frontier: no finished points")
     check_comparable(rows)
@@ -127,7 +147,7 @@ def frontier(rows: list[dict]) -> dict:
             "extractor": first["extractor_summary"], "threads": sorted({r["threads"] for r in rows if r["threads"]}),
             "devices": sorted({r["device"] for r in rows if r["device"]}),
             "settings": sorted(settings, key=lambda s: (s["system"], -s["images_per_second"])),
-            "seed_spread": spread, "points": rows}
+            "reaches": reaches(settings), "seed_spread": spread, "points": rows}
 
 
 def _ms(split: dict, part: str) -> str:
@@ -158,7 +178,29 @@ def frontier_markdown(result: dict, title: str) -> str:
     lines += ["", "Across systems, slowest to fastest: "
               + "; ".join(f"{s['system']} {s['label']} (FID {s['fid']:.1f}, {s['images_per_second']:.1f} images/s)"
                           for s in front) + "."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _reach_lines(result)) + "\n"
+
+
+def _reach_lines(result: dict) -> list[str]:
+    """The `reaches` matrix: a row per system, a column per system's best FID."""
+    pairs = result.get("reaches") or []
+    systems = list(dict.fromkeys(r["target"] for r in pairs))
+    if len(systems) < 2:
+        return []
+    best = {r["target"]: r for r in pairs}
+    lines = ["", "Matching each system's best FID: the row system's fastest setting with an FID at or below the "
+             "column system's best, as images/s and × the speed of that best setting (— never reaches it).", "",
+             "| system | " + " | ".join(f"{b} best: {best[b]['target_fid']:.1f} ({best[b]['target_label']}, "
+                                        f"{best[b]['target_images_per_second']:.1f}/s)" for b in systems) + " |",
+             "|---" * (len(systems) + 1) + "|"]
+    for a in systems:
+        cells = []
+        for b in systems:
+            (r,) = [r for r in pairs if r["system"] == a and r["target"] == b]
+            cells.append("—" if r["label"] is None else
+                         f"{r['images_per_second']:.1f}/s ({r['speedup']:.2f}×), {r['label']}, FID {r['fid']:.1f}")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def frontier_picture(result: dict, width: int = 960, height: int = 640) -> Image.Image:
