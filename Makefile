@@ -29,7 +29,7 @@ $(BIN)/d2c: pyproject.toml
 install: $(BIN)/d2c
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # the developer loop (about a minute): every test not marked slow
 test-fast: install

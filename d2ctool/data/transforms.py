@@ -32,20 +32,18 @@ def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def ten_crop(image: Image.Image, size: int) -> list[Image.Image]:
-    """The ten views of LlamaGen's code extraction, in torchvision `TenCrop` order: the four corners
-    (top-left, top-right, bottom-left, bottom-right) and the centre of `image`, then the same five of its
-    horizontal flip. The centre's offsets are rounded as torchvision rounds them (half to even)."""
-    width, height = image.size
+def ten_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """[10, size, size, C]: the ten views of LlamaGen's code extraction from an [H, W, C] image, in torchvision
+    `TenCrop` order: the four corners (top-left, top-right, bottom-left, bottom-right) and the centre, then the
+    same five of the horizontal flip. The centre's offsets are rounded as torchvision rounds them (half to even)."""
+    height, width = image.shape[:2]
     if min(width, height) < size:
         raise ValueError(f"ten_crop: a {width}x{height} image is smaller than the {size} px crop")
-
-    def five(img: Image.Image) -> list[Image.Image]:
-        left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
-        boxes = [(0, 0), (width - size, 0), (0, height - size), (width - size, height - size), (left, top)]
-        return [img.crop((x, y, x + size, y + size)) for x, y in boxes]
-
-    return five(image) + five(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+    corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size), (top, left)]
+    five = [image[y:y + size, x:x + size] for y, x in corners]
+    flipped = image[:, ::-1]
+    return np.stack(five + [flipped[y:y + size, x:x + size] for y, x in corners])
 
 
 def to_minus_one_one(image: Image.Image) -> np.ndarray:

@@ -90,13 +90,17 @@ def encode_images(vq, kl, views: np.ndarray, device: torch.device, autocast: boo
     return codes.cpu(), moments.cpu()
 
 
-def image_views(image, cfg: EncodeConfig) -> np.ndarray:
-    """uint8 [V, R, R, 3]: the views `cfg.views` of one decoded image, in data/encoded.py VIEWS order."""
+def crop_size(cfg: EncodeConfig) -> int:
+    """The ADM centre crop the views are taken from: the resolution, or the larger crop of ten-crop."""
+    return int(cfg.resolution * cfg.crop_range) if cfg.views == "ten-crop" else cfg.resolution
+
+
+def image_views(crops: np.ndarray, cfg: EncodeConfig) -> np.ndarray:
+    """uint8 ADM crops [N, S, S, 3] (S = `crop_size`) -> their views [N, V, R, R, 3], in data/encoded.py VIEWS
+    order. Made per batch: a shard holds only its crops, not every view."""
     if cfg.views == "ten-crop":
-        larger = adm_center_crop(image, int(cfg.resolution * cfg.crop_range))
-        return np.stack([np.asarray(view) for view in ten_crop(larger, cfg.resolution)])
-    crop = np.asarray(adm_center_crop(image, cfg.resolution))
-    return np.stack([crop, crop[:, ::-1]])
+        return np.stack([ten_crop(crop, cfg.resolution) for crop in crops])
+    return np.stack([crops, crops[:, :, ::-1]], axis=1)
 
 
 def encoded_channel_stats(out: Path, shards: list[dict], count: int, seed: int, view: int = 0) -> LatentNorm:
@@ -135,8 +139,8 @@ def _sample(moments: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
     return posterior_latents(torch.from_numpy(moments), noise)
 
 
-def _load_views(data: bytes, cfg: EncodeConfig, where: str) -> np.ndarray:
-    return image_views(decode_image(data, where), cfg)
+def _load_crop(data: bytes, size: int, where: str) -> np.ndarray:
+    return np.asarray(adm_center_crop(decode_image(data, where), size))
 
 
 def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cfg: EncodeConfig,
@@ -177,7 +181,7 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
     distributed.barrier()
 
     vq, kl = vq.to(device), kl.to(device)
-    views = VIEWS[cfg.views]
+    view_names = VIEWS[cfg.views]
     autocast = device.type == "cuda" and cfg.precision == "bf16"
     code_type, moment_type = codes_dtype(vq.cfg.codebook_size), np.dtype(cfg.moments_dtype)
     num_shards = len(source["shards"])
@@ -202,11 +206,12 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
             samples = read_shard(shards, entry, source)  # size, sha256 and count verified on this first read
             for key, members in samples:
                 check(shards / entry["file"], key, members)
-            images = list(pool.map(lambda s: _load_views(image_member(s[1]), cfg,
-                                                         f"shard {shards / entry['file']}, sample {s[0]!r}"), samples))
+            crops = list(pool.map(lambda s: _load_crop(image_member(s[1]), crop_size(cfg),
+                                                       f"shard {shards / entry['file']}, sample {s[0]!r}"), samples))
             written = []
             for start in range(0, len(samples), cfg.batch_size):
-                codes, moments = encode_images(vq, kl, np.stack(images[start:start + cfg.batch_size]), device, autocast)
+                batch = image_views(np.stack(crops[start:start + cfg.batch_size]), cfg)
+                codes, moments = encode_images(vq, kl, batch, device, autocast)
                 with np.errstate(over="ignore"):  # float16 overflows to inf above 65504: checked just below
                     moments = moments.numpy().astype(moment_type)
                 moments = require_finite(
@@ -228,7 +233,7 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
         records = folder.records(num_shards)
         if norm is None:
             info(f"encode: per-channel latent statistics from up to {cfg.stats_images} images")
-            norm = encoded_channel_stats(out, records, cfg.stats_images, cfg.seed, main_view(VIEWS[cfg.views]))
+            norm = encoded_channel_stats(out, records, cfg.stats_images, cfg.seed, main_view(view_names))
             save_stats(out / "latents_stats.pt", norm)
         folder.finish({
             "format": FORMAT,
@@ -241,8 +246,8 @@ def encode(shards: str | Path, out: str | Path, tokenizers: TokenizersConfig, cf
             "shards": [{k: r[k] for k in ("file", "samples", "sha256", "bytes")} for r in records],
             "resolution": cfg.resolution,
             "grid": [grid, grid],
-            "codes": {"dtype": code_type.name, "shape": [len(views), grid * grid], "order": list(views)},
-            "moments": {"dtype": moment_type.name, "shape": [len(views), 2 * kl.cfg.embed_dim, grid, grid],
+            "codes": {"dtype": code_type.name, "shape": [len(view_names), grid * grid], "order": list(view_names)},
+            "moments": {"dtype": moment_type.name, "shape": [len(view_names), 2 * kl.cfg.embed_dim, grid, grid],
                         "layout": "mean then log-variance on channels"},
             "latent_norm": norm.record(),
             "scale_factor": norm.scale if norm.kind == "scale" else None,
