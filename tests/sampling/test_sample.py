@@ -81,7 +81,7 @@ def test_two_ranks_equal_one_rank(tiny_models, tmp_path):
                          capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29741", "-m", "d2ctool", "sample", str(tmp_path / "two"), *args], cwd=REPO,
+                          "29743", "-m", "d2ctool", "sample", str(tmp_path / "two"), *args], cwd=REPO,
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("sample: 20 images") == 1
