@@ -97,7 +97,7 @@ class EncodedManifest:
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise UserError(f"{root}/manifest.json: incomplete encoded-shard manifest (no {e}); "
                             f"re-run `{MADE_BY}` into a new folder") from None
-        if not (record.num_views == record.codes_shape[0] == record.moments_shape[0]):
+        if record.codes_shape[:1] != (record.num_views,) or record.moments_shape[:1] != (record.num_views,):
             raise UserError(f"{root}/manifest.json: {record.num_views} view name(s) but codes of shape "
                             f"{list(record.codes_shape)} and moments of shape {list(record.moments_shape)}; "
                             f"re-run `{MADE_BY}` into a new folder")

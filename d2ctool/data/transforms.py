@@ -40,10 +40,9 @@ def ten_crop(image: np.ndarray, size: int) -> np.ndarray:
     if min(width, height) < size:
         raise ValueError(f"ten_crop: a {width}x{height} image is smaller than the {size} px crop")
     left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
-    corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size), (top, left)]
-    five = [image[y:y + size, x:x + size] for y, x in corners]
+    origins = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size), (top, left)]
     flipped = image[:, ::-1]
-    return np.stack(five + [flipped[y:y + size, x:x + size] for y, x in corners])
+    return np.stack([source[y:y + size, x:x + size] for source in (image, flipped) for y, x in origins])
 
 
 def to_minus_one_one(image: Image.Image) -> np.ndarray:
