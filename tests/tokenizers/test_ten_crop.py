@@ -108,6 +108,10 @@ def test_a_manifest_whose_views_do_not_match_its_shapes_is_refused(ten_crop_data
     manifest["codes"]["order"] = ["original", "hflip"]
     with pytest.raises(UserError, match="2 view name"):
         EncodedManifest.from_dict(manifest, ten_crop_data)
+    manifest["codes"]["shape"] = []
+    with pytest.raises(UserError, match=r"2 view name\(s\) but codes of shape \[\]"):
+        EncodedManifest.from_dict(manifest, ten_crop_data)
+    manifest["codes"]["shape"] = [10, 64]
     manifest["codes"]["order"] = [f"view-{i}" for i in range(10)]
     with pytest.raises(UserError, match="name none of original, center"):
         EncodedManifest.from_dict(manifest, ten_crop_data)
