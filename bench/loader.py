@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from d2ctool.continuous.train import ContinuousTask
 from d2ctool.data import reader as reader_module
-from d2ctool.data.encoded import FORMAT as ENCODED
+from d2ctool.data.encoded import FORMAT as ENCODED, read_manifest
 from d2ctool.data.reader import ShardReader
 from d2ctool.data.shards import npy_bytes, shard_name, write_tar
 from d2ctool.data.torch_dataset import ShardDataset
@@ -91,7 +91,8 @@ class MeasuredDataset(ShardDataset):
 def epoch(root: Path, workers: int, batch: int, log_dir: Path) -> dict:
     for f in log_dir.glob("*.json"):
         f.unlink()
-    decode = functools.partial(ContinuousTask.decode, SimpleNamespace(norm=LatentNorm.scalar(SCALE)))
+    task = SimpleNamespace(norm=LatentNorm.scalar(SCALE), manifest=read_manifest(root))  # what decode reads
+    decode = functools.partial(ContinuousTask.decode, task)
     reader_module._index_tar.cache_clear()
     main_start = rchar()
     start = time.perf_counter()
